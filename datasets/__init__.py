@@ -1,0 +1,1 @@
+"""Data: canonical schema, the Batch type, streaming parquet readers, converters and synthetic data."""

@@ -1,0 +1,139 @@
+"""The canonical long-sequence CTR sample schema, stored as parquet.
+
+One parquet row is one sample (or, for request-level data such as DUET's, one request whose candidates are
+list columns). Columns are declared, by role, in a :class:`SchemaConfig`:
+
+* ``id_features``: integer ids looked up in embedding tables. A scalar feature is an ``int64`` column
+  (``user_id``, ``item_id``, ``item_category``); a sequence feature is a ``list<int64>`` column
+  (``hist_item_id``, ``hist_category``, ``hist_behavior_type``). Sequences are chronological: oldest first,
+  the most recent behaviour last. They are stored unpadded (jagged); padding is the model's business.
+  ``num_embeddings`` is the table size: a valid id lies in ``[0, num_embeddings)``; id 0 is padding by
+  convention (converters remap real ids from 1).
+* ``float_features``: ``float32``/``float64`` columns, scalar or ``list<float>`` aligned with the sequences
+  (``hist_time_delta``: seconds between the behaviour and the target request; ``hist_play_time``; the
+  synthetic data's ``hist_relevance``).
+* ``labels``: one column per task, values exactly 0 or 1.
+* ``group_column``: the id that GAUC groups by (the user), ``weight_column``: an optional per-sample weight
+  (IPS), both scalar columns.
+
+Tables are named ``t_<feature>``; features that share a table (a target item and the behaviour items) name
+it with ``table``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pyarrow as pa
+
+
+class IdPolicy(enum.Enum):
+    """What the reader does with an id outside ``[0, num_embeddings)``."""
+
+    error = "error"  # raise DataError naming file, row group, row and column (default)
+    hash = "hash"  # id -> id mod num_embeddings (Python semantics: always non-negative); counted
+    clip = "clip"  # id -> clamp(id, 0, num_embeddings - 1); counted
+
+
+@dataclass
+class IdFeature:
+    """An integer id column looked up in an embedding table.
+
+    Attributes:
+        name: column name, also the KeyedJaggedTensor key.
+        num_embeddings: rows of the table: valid ids are ``0 <= id < num_embeddings``.
+        sequence: True for a ``list<int64>`` column (one id per behaviour), False for an ``int64`` column.
+        table: embedding table shared by several features, without the ``t_`` prefix (default: ``name``).
+    """
+
+    name: str = "???"
+    num_embeddings: int = 0
+    sequence: bool = False
+    table: Optional[str] = None
+
+    @property
+    def table_name(self) -> str:
+        return "t_" + (self.table or self.name)
+
+
+@dataclass
+class FloatFeature:
+    """A float column: scalar (``float``) or a list aligned with the behaviour sequence (``list<float>``)."""
+
+    name: str = "???"
+    sequence: bool = False
+
+
+@dataclass
+class SchemaConfig:
+    """Column roles of a data set; see the module docstring."""
+
+    id_features: list[IdFeature] = field(default_factory=list)
+    float_features: list[FloatFeature] = field(default_factory=list)
+    labels: list[str] = field(default_factory=lambda: ["label"])
+    group_column: str = "user_id"
+    weight_column: Optional[str] = None
+
+    def id_feature(self, name: str) -> IdFeature:
+        for f in self.id_features:
+            if f.name == name:
+                return f
+        raise KeyError(f"no id feature {name!r}; id features are {[f.name for f in self.id_features]}")
+
+    @property
+    def float_sequences(self) -> list[FloatFeature]:
+        return [f for f in self.float_features if f.sequence]
+
+    @property
+    def float_scalars(self) -> list[FloatFeature]:
+        return [f for f in self.float_features if not f.sequence]
+
+    def table_sizes(self) -> dict[str, int]:
+        """Table name -> rows, checking that features sharing a table agree on its size."""
+        sizes: dict[str, int] = {}
+        for f in self.id_features:
+            n = sizes.setdefault(f.table_name, f.num_embeddings)
+            if n != f.num_embeddings:
+                raise ValueError(
+                    f"features sharing table {f.table_name} disagree on num_embeddings: {n} vs {f.num_embeddings}"
+                    f" ({f.name})"
+                )
+        return sizes
+
+    def arrow_types(self) -> dict[str, tuple[pa.DataType, ...]]:
+        """Column -> accepted arrow types (the first is what writers in this project produce)."""
+        ints = (pa.int64(), pa.int32())
+        floats = (pa.float32(), pa.float64())
+        out: dict[str, tuple[pa.DataType, ...]] = {}
+        for f in self.id_features:
+            out[f.name] = tuple(pa.list_(t) for t in ints) + tuple(pa.large_list(t) for t in ints) if f.sequence else ints
+        for f in self.float_features:
+            out[f.name] = (
+                tuple(pa.list_(t) for t in floats) + tuple(pa.large_list(t) for t in floats) if f.sequence else floats
+            )
+        for name in self.labels:
+            out[name] = floats + ints + (pa.int8(), pa.bool_())
+        if self.group_column not in out:
+            out[self.group_column] = ints
+        if self.weight_column is not None:
+            out[self.weight_column] = floats
+        return out
+
+    def validate(self) -> None:
+        """Checks internal consistency (unique names, positive table sizes)."""
+        names = [f.name for f in self.id_features] + [f.name for f in self.float_features] + list(self.labels)
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"schema declares these columns more than once: {dup}")
+        for f in self.id_features:
+            if f.num_embeddings <= 0:
+                raise ValueError(f"id feature {f.name}: num_embeddings must be > 0, got {f.num_embeddings}")
+        if not self.labels:
+            raise ValueError("schema needs at least one label column")
+        self.table_sizes()
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the row group or row, and the column."""

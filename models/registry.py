@@ -1,0 +1,71 @@
+"""The zoo registry: one frozen ModelSpec per entry, keyed by the entry's folder name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from datasets.schema import SchemaConfig
+
+
+@dataclass(frozen=True)
+class TableConstraint:
+    """A model's default sharding preference for one table (config overrides it per table).
+
+    Attributes:
+        sharding_types: allowed torchrec sharding types, e.g. ``("table_wise", "row_wise")``; empty = any.
+        compute_kernels: allowed compute kernels, e.g. ``("fused",)``; empty = any.
+    """
+
+    sharding_types: tuple[str, ...] = ()
+    compute_kernels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A zoo entry.
+
+    Attributes:
+        name: registry key, equal to the entry's folder under ``models/`` and to ``model.name`` in configs.
+        config_cls: the entry's config dataclass (its YAML section ``model`` is validated against it).
+        build: ``(config, schema, device) -> nn.Module`` whose ``forward(batch) -> logits [B, T]``.
+            Called with ``torch.device("meta")`` by the trainer; embedding tables live in torchrec
+            EmbeddingCollection / EmbeddingBagCollection modules so that they can be sharded.
+        build_train_module: ``(model, config) -> nn.Module`` whose ``forward(batch)`` returns
+            ``(loss, (loss, logits, labels))``, the contract of TrainPipelineSparseDist.
+        default_constraints: ``(config, schema) -> {table name: TableConstraint}``.
+    """
+
+    name: str
+    config_cls: type
+    build: Callable[[Any, SchemaConfig, torch.device], nn.Module]
+    build_train_module: Callable[[nn.Module, Any], nn.Module]
+    default_constraints: Callable[[Any, SchemaConfig], Mapping[str, TableConstraint]]
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"zoo entry {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    import models  # noqa: F401  (imports every entry explicitly)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; the zoo has {sorted(_REGISTRY)}") from None
+
+
+def all_specs() -> dict[str, ModelSpec]:
+    import models  # noqa: F401
+
+    return dict(_REGISTRY)
