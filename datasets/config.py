@@ -1,0 +1,37 @@
+"""Config of the data section (``data:`` in YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from datasets.schema import IdPolicy, SchemaConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the parquet files are and how they are read.
+
+    Attributes:
+        schema: column roles, see :mod:`datasets.schema`.
+        train_paths: files or glob patterns (sorted after expansion) of training parquet files.
+        eval_paths: files or glob patterns of evaluation parquet files.
+        batch_size: samples per batch and rank (training and evaluation).
+        num_workers: DataLoader worker processes per rank; files' row groups are split across
+            ``world_size * max(num_workers, 1)`` readers.
+        shuffle: shuffle the order of row groups (per epoch) and rows within a row group (training only).
+        seed: seed of that shuffle; the training stream is a pure function of (seed, rank, world size,
+            num_workers, step), which is what makes resuming exact.
+        id_policy: what to do with ids outside their table: error (default), hash or clip.
+        max_sequence_length: keep only the most recent this many behaviours of every sequence column
+            (0 = keep all).
+    """
+
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+    train_paths: list[str] = field(default_factory=list)
+    eval_paths: list[str] = field(default_factory=list)
+    batch_size: int = 256
+    num_workers: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    id_policy: IdPolicy = IdPolicy.error
+    max_sequence_length: int = 0
