@@ -1,0 +1,145 @@
+"""Atomic distributed checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000020/          a complete checkpoint: DCP shards of model + optimizer state,
+        .metadata, __*.distcp   rng_rank<R>.pt (each rank's RNG state), meta.json (step, world size, ...)
+    latest                  the name of the newest complete checkpoint
+
+A checkpoint is written into ``.tmp_step_XXXXXXXX`` and renamed only after every rank has finished, then
+``latest`` is replaced atomically (write a temp file, ``os.replace``). A kill during a save leaves a stale temp
+directory and the previous ``latest``: the previous checkpoint stays loadable. Stale temp directories are removed
+by the next save. The data position is the step count: the training stream is a pure function of the step
+(see :func:`datasets.reader.train_loader`), so resuming at step S replays the stream from batch S.
+
+The directory must be on a file system every rank sees (a shared mount on multi-node clusters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+LATEST = "latest"
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    world_size: int
+    samples_seen: int
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save(ckpt_dir: Path, step: int, state: dict[str, Any], meta: CheckpointMeta, keep: int) -> Path:
+    """Writes ``state`` (a DCP state dict: ShardedTensors allowed) atomically; collective over all ranks.
+
+    Args:
+        ckpt_dir: ``<run_dir>/checkpoints``.
+        step: the number of optimizer steps taken.
+        state: e.g. ``{"model": dmp.state_dict(), "optim": optimizer.state_dict()}``.
+        meta: recorded in ``meta.json``.
+        keep: complete checkpoints to keep (>= 1).
+
+    Returns:
+        The final directory of this checkpoint.
+    """
+    name = f"step_{step:08d}"
+    tmp = ckpt_dir / f".tmp_{name}"
+    final = ckpt_dir / name
+    if _rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(".tmp_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # re-saving the same step (e.g. after a resume at the last step)
+            shutil.rmtree(final)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / "meta.json").write_text(json.dumps(meta.__dict__))
+        os.replace(tmp, final)
+        _write_latest(ckpt_dir, name)
+        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
+        for old in done[: max(0, len(done) - max(1, keep))]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _write_latest(ckpt_dir: Path, name: str) -> None:
+    tmp = ckpt_dir / f".{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_dir / LATEST)
+
+
+def latest(ckpt_dir: Path) -> Optional[Path]:
+    """The newest complete checkpoint, or None."""
+    pointer = ckpt_dir / LATEST
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / pointer.read_text().strip()
+    if not (path / "meta.json").is_file():
+        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no meta.json)")
+    return path
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    return CheckpointMeta(**json.loads((path / "meta.json").read_text()))
+
+
+def load(path: Path, state: dict[str, Any]) -> CheckpointMeta:
+    """Loads a checkpoint in place into ``state`` (the same structure ``save`` got); restores this rank's RNG.
+
+    The caller then passes ``state["model"]`` / ``state["optim"]`` to ``load_state_dict``.
+    """
+    meta = read_meta(path)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if meta.world_size != world:
+        raise RuntimeError(
+            f"{path} was written by {meta.world_size} ranks, this run has {world}: the data position and the"
+            " per-rank RNG state cannot be carried over; start a new run_dir (or resume with the same world size)"
+        )
+    dcp.load(state, checkpoint_id=str(path))
+    set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
+    return meta

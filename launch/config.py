@@ -1,0 +1,202 @@
+"""Experiment configs: typed dataclasses, YAML files composed with ``includes``, strict OmegaConf merging.
+
+An experiment file names the files it builds on, in order, then adds or overrides keys::
+
+    includes: [../datasets/synthetic_small.yaml, ../models/din.yaml]
+    train: {max_steps: 200}
+
+``model.name`` selects the zoo entry; its ``ModelSpec.config_cls`` validates the ``model`` section. Command-line
+overrides (``key.sub=value``) are merged last. Unknown keys are errors listing the valid keys of their section.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from datasets.config import DataConfig
+from launch.sharding import ShardingConfig
+from models.registry import ModelSpec, get_spec
+
+
+class SparseOptimizer(enum.Enum):
+    """Fused (in-backward) optimizers for embedding tables."""
+
+    sgd = "sgd"
+    adagrad = "adagrad"
+    rowwise_adagrad = "rowwise_adagrad"
+    adam = "adam"
+
+
+class DenseOptimizer(enum.Enum):
+    sgd = "sgd"
+    adagrad = "adagrad"
+    adam = "adam"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers: a fused sparse optimizer applied in backward to every embedding table, a dense one for the rest.
+
+    Attributes:
+        sparse: fused optimizer of the embedding tables.
+        sparse_lr: its learning rate.
+        dense: optimizer of the dense parameters.
+        dense_lr: its learning rate.
+        weight_decay: dense weight decay.
+    """
+
+    sparse: SparseOptimizer = SparseOptimizer.adagrad
+    sparse_lr: float = 0.05
+    dense: DenseOptimizer = DenseOptimizer.adam
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The training loop.
+
+    Attributes:
+        max_steps: optimizer steps (every rank takes the same number).
+        eval_every: evaluate every this many steps (0: only at the end; the end always evaluates).
+        checkpoint_every: write a checkpoint every this many steps (0: only at the end when ``checkpoint_at_end``).
+        checkpoint_at_end: write a checkpoint after the last step.
+        keep_checkpoints: complete checkpoints kept in ``<run_dir>/checkpoints`` (older ones are deleted).
+        resume: continue from the newest complete checkpoint in ``<run_dir>/checkpoints`` when there is one.
+        log_every: TensorBoard scalars every this many steps.
+        seed: seeds dense initialisation and dropout; the data order has its own seed (``data.seed``).
+        device: ``cpu`` or ``cuda`` (each rank takes ``cuda:<LOCAL_RANK>``); the backend follows (gloo / nccl).
+        progress_bar: tqdm bar on rank 0.
+    """
+
+    max_steps: int = 100
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    checkpoint_at_end: bool = True
+    keep_checkpoints: int = 2
+    resume: bool = True
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    progress_bar: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole experiment; each component receives only its own section.
+
+    Attributes:
+        run_dir: where the resolved config, plan, TensorBoard events, checkpoints and metrics go.
+        model: the zoo entry's config (its dataclass is chosen by ``model.name``).
+        data: the data section.
+        train: the training loop.
+        optim: optimizers.
+        sharding: sharding constraints and plan reuse.
+    """
+
+    run_dir: str = "runs/default"
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: includes itself (cycle {' -> '.join(str(p) for p in seen + (path,))})")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml errors
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    includes = raw.pop("includes", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    merged = OmegaConf.create()
+    for inc in includes:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(inc), seen + (path,)))
+    return OmegaConf.merge(merged, raw)
+
+
+def _valid_keys(schema: DictConfig, full_key: str) -> tuple[str, list[str]]:
+    """Section name and its valid keys for an unknown ``full_key`` like ``model.foo`` or ``train.x``."""
+    parts = [p for p in str(full_key).split(".") if p]
+    node: Any = schema
+    section = []
+    for p in parts[:-1]:
+        if isinstance(node, DictConfig) and p in node:
+            node = node[p]
+            section.append(p)
+        else:
+            break
+    keys = sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return ".".join(section) or "<top level>", [str(k) for k in keys]
+
+
+def _strict_merge(schema: DictConfig, *others: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, *others)
+    except ConfigKeyError as e:
+        section, keys = _valid_keys(schema, getattr(e, "full_key", "") or "")
+        raise ConfigError(
+            f"unknown config key '{e.full_key}' in section '{section}'; valid keys: {', '.join(keys)}"
+        ) from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"invalid config value at '{getattr(e, 'full_key', '?')}': {e.msg if hasattr(e, 'msg') else e}") from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, ModelSpec, DictConfig]:
+    """Loads an experiment.
+
+    Args:
+        path: experiment YAML (may include other YAML files).
+        overrides: ``key.sub=value`` strings merged last.
+
+    Returns:
+        The plain-dataclass config (``cfg.model`` is the entry's config dataclass), the entry's spec, and the
+        resolved DictConfig (what is written to the run directory).
+    """
+    user = _read_yaml(Path(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+    if overrides:
+        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+    name = OmegaConf.select(user, "model.name")
+    if name is None:
+        raise ConfigError(f"{path}: missing model.name (pick a zoo entry, e.g. include configs/models/din.yaml)")
+    try:
+        spec = get_spec(str(name))
+    except KeyError as e:
+        raise ConfigError(f"{path}: {e.args[0]}") from None
+    schema = OmegaConf.structured(ExperimentConfig)
+    schema.model = OmegaConf.structured(spec.config_cls)
+    merged = _strict_merge(schema, user)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    assert isinstance(cfg, ExperimentConfig)
+    cfg.data.schema.validate()
+    return cfg, spec, merged
+
+
+def dump_config(resolved: DictConfig) -> str:
+    return OmegaConf.to_yaml(resolved, resolve=True)
+
+

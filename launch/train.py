@@ -1,0 +1,64 @@
+"""Entry point: ``python -m launch.train --config configs/experiments/<name>.yaml [key.sub=value ...]``.
+
+Run directly (one process) or under torchrun / TorchX (``launch/components.py``), which set RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 prints the metrics as one JSON object on the
+last line of standard output and writes it to ``<run_dir>/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import sys
+
+import torch.distributed as dist
+
+from launch.config import ConfigError, load_config
+from launch.trainer import DistEnv, run
+
+
+def _env() -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistEnv(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, merged last")
+    args = parser.parse_args(argv)
+    try:
+        cfg, spec, resolved = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    env = _env()
+    backend = "nccl" if cfg.train.device == "cuda" else "gloo"
+    if "MASTER_ADDR" not in os.environ:  # plain single-process run
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    try:
+        metrics = run(cfg, spec, resolved, env)
+    finally:
+        dist.destroy_process_group()
+    if env.rank == 0:
+        print(json.dumps(metrics, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

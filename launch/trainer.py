@@ -1,0 +1,291 @@
+"""The distributed training loop: meta-device model -> plan -> DMP -> TrainPipelineSparseDist.
+
+Only this package reads the process environment; :func:`run` gets everything else from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from datasets.batch import Batch
+from datasets.reader import eval_loader, train_loader
+from launch import checkpoint, sharding
+from launch.config import DenseOptimizer, ExperimentConfig, OptimConfig, SparseOptimizer, dump_config
+from launch.metrics import ctr_metrics, gather_rows
+from models.registry import ModelSpec
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits (read from the environment by :mod:`launch.train`)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def device_for(cfg_device: str, env: DistEnv) -> torch.device:
+    if cfg_device == "cpu":
+        return torch.device("cpu")
+    if cfg_device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    raise ValueError(f"train.device must be 'cpu' or 'cuda', got {cfg_device!r}")
+
+
+def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    params: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)):
+            params.extend(m.parameters())
+    return params
+
+
+def apply_sparse_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
+    """Fuses the sparse optimizer into the embedding tables' backward (torchrec's in-backward optimizer)."""
+    params = _embedding_params(model)
+    if not params:
+        return
+    table: dict[SparseOptimizer, tuple[type, dict[str, Any]]] = {
+        SparseOptimizer.sgd: (torch.optim.SGD, {"lr": cfg.sparse_lr}),
+        SparseOptimizer.adagrad: (torch.optim.Adagrad, {"lr": cfg.sparse_lr, "eps": 1e-8}),
+        SparseOptimizer.rowwise_adagrad: (RowWiseAdagrad, {"lr": cfg.sparse_lr, "eps": 1e-8}),
+        SparseOptimizer.adam: (torch.optim.Adam, {"lr": cfg.sparse_lr}),
+    }
+    cls, kwargs = table[cfg.sparse]
+    apply_optimizer_in_backward(cls, params, kwargs)
+
+
+def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> CombinedOptimizer:
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    table = {
+        DenseOptimizer.sgd: lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+        DenseOptimizer.adagrad: lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+        DenseOptimizer.adam: lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
+    }
+    dense = KeyedOptimizerWrapper(dense_params, table[cfg.dense])
+    return CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+class _CountingIterator:
+    """Passes batches through, summing the reader's id fixes and keeping the last batch as a template."""
+
+    def __init__(self, it: Iterator[Batch], n_features: int) -> None:
+        self._it = it
+        self.id_fixes = torch.zeros(n_features, dtype=torch.long)
+        self.last: Optional[Batch] = None
+
+    def __iter__(self) -> "_CountingIterator":
+        return self
+
+    def __next__(self) -> Batch:
+        b = next(self._it)
+        self.id_fixes += b.id_fixes.cpu()
+        self.last = b
+        return b
+
+
+def _invalid_copy(b: Batch) -> Batch:
+    """The same batch with every row marked as padding (for ranks that ran out of evaluation data)."""
+    return Batch(
+        sparse_features=b.sparse_features,
+        float_sequences=b.float_sequences,
+        float_features=b.float_features,
+        labels=b.labels,
+        group_ids=b.group_ids,
+        weights=torch.zeros_like(b.weights),
+        valid=torch.zeros_like(b.valid),
+        id_fixes=torch.zeros_like(b.id_fixes),
+    )
+
+
+def evaluate(
+    dmp: nn.Module, cfg: ExperimentConfig, env: DistEnv, device: torch.device, template: Batch
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Runs the whole evaluation set through the sharded model; every rank takes the same number of steps."""
+    counter = _CountingIterator(iter(eval_loader(cfg.data, env.rank, env.world_size)), len(cfg.data.schema.id_features))
+    logits, labels, groups = [], [], []
+    was_training = dmp.training
+    dmp.eval()
+    last = template
+    with torch.no_grad():
+        while True:
+            b = next(counter, None)
+            more = torch.tensor([0 if b is None else 1], dtype=torch.long)
+            if dist.is_initialized():
+                dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if int(more) == 0:
+                break
+            if b is None:
+                b = _invalid_copy(last)
+            last = b
+            b = b.to(device)
+            _, (_, out_logits, out_labels) = dmp(b)
+            v = b.valid
+            logits.append(out_logits[v].float().cpu())
+            labels.append(out_labels[v].float().cpu())
+            groups.append(b.group_ids[v].cpu())
+    dmp.train(was_training)
+    n_tasks = len(cfg.data.schema.labels)
+    cat = lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape)  # noqa: E731
+    all_logits = gather_rows(cat(logits, (0, n_tasks)).to(device)).cpu()
+    all_labels = gather_rows(cat(labels, (0, n_tasks)).to(device)).cpu()
+    all_groups = gather_rows(cat(groups, (0,)).long().to(device)).cpu()
+    return ctr_metrics(all_logits, all_labels, all_groups, list(cfg.data.schema.labels)), counter.id_fixes
+
+
+def _sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistEnv) -> dict[str, Any]:
+    """Trains and evaluates one experiment; returns the metrics (the same dict on every rank).
+
+    The process group must already be initialised when ``env.world_size > 1``.
+    """
+    device = device_for(cfg.train.device, env)
+    run_dir = Path(cfg.run_dir)
+    is_main = env.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(resolved))
+    schema = cfg.data.schema
+    torch.manual_seed(cfg.train.seed)
+
+    model = spec.build(cfg.model, schema, torch.device("meta"))
+    train_module = spec.build_train_module(model, cfg.model)
+    apply_sparse_optimizer(train_module, cfg.optim)
+    sharders = sharding.build_sharders()
+    topology = sharding.build_topology(env.world_size, env.local_world_size, device, cfg.sharding)
+    pg = dist.GroupMember.WORLD if dist.is_initialized() else None
+    plan = sharding.plan(train_module, cfg.sharding, spec.default_constraints(cfg.model, schema), topology, sharders, pg)
+    torch.manual_seed(cfg.train.seed + env.rank)  # per-rank table initialisation
+    dmp = sharding.shard_model(train_module, plan, sharders, device)
+    plan_text = sharding.plan_table(plan, dmp)
+    if is_main:
+        sharding.write_plan(run_dir, plan, plan_text)
+    optimizer = build_optimizer(dmp, cfg.optim)
+
+    ckpt_dir = run_dir / "checkpoints"
+    found = checkpoint.latest(ckpt_dir) if cfg.train.resume else None
+    step = 0
+    if found is not None:
+        step = checkpoint.read_meta(found).step
+    # Create the data iterator before seeding: a DataLoader draws its base seed from the global RNG.
+    n_id = len(schema.id_features)
+    stream = _CountingIterator(iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step)), n_id)
+    if found is not None:
+        state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
+        checkpoint.load(found, state)  # also restores this rank's RNG state
+        dmp.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+        if is_main:
+            print(f"[train] resumed from {found} at step {step}", flush=True)
+    else:
+        torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # dropout stream of this rank
+
+    writer = SummaryWriter(str(run_dir / "tb")) if is_main else None
+    if writer is not None:
+        writer.add_text("sharding_plan", "```\n" + plan_text + "\n```", step)
+
+    def save_checkpoint(at: int) -> None:
+        state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
+        gbs = cfg.data.batch_size * env.world_size
+        checkpoint.save(ckpt_dir, at, state, checkpoint.CheckpointMeta(at, env.world_size, at * gbs), cfg.train.keep_checkpoints)
+
+    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False)
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.train.progress_bar), desc="train")
+    train_time = 0.0
+    steps_run = 0
+    losses: list[float] = []
+    eval_metrics: dict[str, float] = {}
+    eval_fixes = torch.zeros(n_id, dtype=torch.long)
+    dmp.train()
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        loss, _, _ = pipeline.progress(stream)
+        loss_value = float(loss)
+        train_time += time.perf_counter() - t0
+        step += 1
+        steps_run += 1
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}")
+        losses.append(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+            writer.add_scalar("train/loss", loss_value, step)
+            writer.add_scalar("train/samples_per_s", cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9), step)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            pipeline.detach()
+            m, _ = evaluate(dmp, cfg, env, device, stream.last)
+            if writer is not None:
+                for k in ("auc", "gauc", "logloss"):
+                    writer.add_scalar(f"eval/{k}", m[k], step)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+            save_checkpoint(step)
+    bar.close()
+    pipeline.detach()
+    if cfg.train.checkpoint_at_end and steps_run > 0:
+        save_checkpoint(step)
+    template = stream.last
+    if template is None:  # resumed at max_steps: fetch one batch as the shape template for padding
+        template = next(iter(train_loader(cfg.data, env.rank, env.world_size)))
+    eval_metrics, eval_fixes = evaluate(dmp, cfg, env, device, template)
+    if writer is not None:
+        for k in ("auc", "gauc", "logloss"):
+            writer.add_scalar(f"eval/{k}", eval_metrics[k], step)
+
+    global_bs = cfg.data.batch_size * env.world_size
+    t = torch.tensor([train_time], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    fixes = _sum_ranks(stream.id_fixes + eval_fixes, device)
+    metrics: dict[str, Any] = {
+        "model": spec.name,
+        "auc": eval_metrics["auc"],
+        "gauc": eval_metrics["gauc"],
+        "logloss": eval_metrics["logloss"],
+        "samples_per_s": global_bs * steps_run / float(t) if steps_run else float("nan"),
+        "steps": step,
+        "steps_this_run": steps_run,
+        "world_size": env.world_size,
+        "final_train_loss": losses[-1] if losses else float("nan"),
+        "first_train_loss": losses[0] if losses else float("nan"),
+        "eval": eval_metrics,
+        "id_policy": cfg.data.id_policy.value,
+        "id_fixes": {f.name: int(n) for f, n in zip(schema.id_features, fixes)},
+        "run_dir": str(run_dir.resolve()),
+    }
+    if writer is not None:
+        if steps_run:
+            writer.add_scalar("train/samples_per_s", metrics["samples_per_s"], step)
+        writer.close()
+    if is_main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics

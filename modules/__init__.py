@@ -1,0 +1,1 @@
+"""Single-device building blocks (nn.Module and tensor helpers) that zoo entries compose."""
