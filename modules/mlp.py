@@ -22,7 +22,13 @@ class PReLU(nn.Module):
 
     def __init__(self, num_features: int, init: float = 0.25, device: Optional[torch.device] = None) -> None:
         super().__init__()
-        self.alpha = nn.Parameter(torch.full((num_features,), init, device=device))
+        self.init = init
+        self.alpha = nn.Parameter(torch.empty(num_features, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialises the slopes (called by DMP after materialising a ``meta`` model)."""
+        nn.init.constant_(self.alpha, self.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies PReLU to ``[..., D]``."""
@@ -40,7 +46,13 @@ class Dice(nn.Module):
     def __init__(self, num_features: int, eps: float = 1e-8, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(num_features, eps=eps, affine=False, device=device)
-        self.alpha = nn.Parameter(torch.zeros(num_features, device=device))
+        self.alpha = nn.Parameter(torch.empty(num_features, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)initialises alpha and the running statistics (DMP zero-fills buffers of a ``meta`` model)."""
+        nn.init.zeros_(self.alpha)
+        self.norm.reset_running_stats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Applies Dice to ``[..., D]`` (any number of leading dims)."""

@@ -1,0 +1,104 @@
+"""Feature plumbing shared by the target-attention CTR entries (DIN, the avg-pool baseline).
+
+Shapes: B batch, L history length kept, D embedding dim, I = D * (number of item features).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from datasets.schema import SchemaConfig
+from models.registry import TableConstraint
+from modules.embedding import build_embedding_collection
+from modules.sequence import last_n
+
+
+class UserTargetHistoryEmbedding(nn.Module):
+    """Looks up the user, the target item and its most recent ``history_length`` behaviours.
+
+    One EmbeddingCollection holds every table at width D; a target feature and its behaviour feature share
+    a table when the schema says so (``IdFeature.table``). Item vectors are the concatenation of the item
+    features' embeddings (``item_id`` ++ ``item_category``), for the target and for every behaviour alike.
+
+    Args:
+        schema: the data schema.
+        user_feature: scalar user id feature (None: no user embedding).
+        target_features: scalar features of the target item.
+        history_features: sequence features of the behaviours, aligned with ``target_features`` (the i-th
+            behaviour feature describes the same attribute as the i-th target feature) and with each other
+            (equal lengths per row).
+        dim: D.
+        history_length: L, the most recent behaviours kept.
+        device: where the tables are created (``meta`` allowed).
+    """
+
+    def __init__(
+        self,
+        schema: SchemaConfig,
+        user_feature: Optional[str],
+        target_features: Sequence[str],
+        history_features: Sequence[str],
+        dim: int,
+        history_length: int,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if not target_features or len(target_features) != len(history_features):
+            raise ValueError(
+                f"target_features {list(target_features)} and history_features {list(history_features)} must be"
+                " non-empty and aligned one to one"
+            )
+        if history_length <= 0:
+            raise ValueError(f"history_length must be > 0, got {history_length}")
+        scalars = ([user_feature] if user_feature is not None else []) + list(target_features)
+        for name in scalars:
+            if schema.id_feature(name).sequence:
+                raise ValueError(f"{name} must be a scalar id feature, the schema declares a sequence")
+        for name in history_features:
+            if not schema.id_feature(name).sequence:
+                raise ValueError(f"{name} must be a sequence id feature, the schema declares a scalar")
+        self.user_feature = user_feature
+        self.target_features = list(target_features)
+        self.history_features = list(history_features)
+        self.history_length = history_length
+        self.item_dim = dim * len(target_features)
+        self.ec = build_embedding_collection(schema, scalars + self.history_features, dim, device)
+
+    def forward(
+        self, features: KeyedJaggedTensor
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeds a batch.
+
+        Args:
+            features: ``Batch.sparse_features`` (extra keys are ignored).
+
+        Returns:
+            ``(user [B, D] or None, target [B, I], history [B, L, I], mask [B, L])``; the history holds the
+            most recent behaviours, oldest first, left-aligned, zero on padding slots (``mask`` False).
+        """
+        e = self.ec(features)
+        user = e[self.user_feature].values() if self.user_feature is not None else None  # [B, D]
+        target = torch.cat([e[f].values() for f in self.target_features], dim=-1)  # [B, I]
+        behaviours = torch.cat([e[f].values() for f in self.history_features], dim=-1)  # [S, I]
+        lengths = e[self.history_features[0]].lengths()  # [B]
+        history, mask = last_n(behaviours, lengths, self.history_length)  # [B, L, I], [B, L]
+        return user, target, history, mask
+
+
+def item_and_user_constraints(
+    schema: SchemaConfig, user_feature: Optional[str], target_features: Sequence[str]
+) -> Mapping[str, TableConstraint]:
+    """Default sharding preferences: the (large) item-id and user tables go row-wise or table-wise.
+
+    The item-id table is the first target feature's; the other tables (categories, small) are left to the
+    planner.
+    """
+    big = [target_features[0]] + ([user_feature] if user_feature is not None else [])
+    return {
+        schema.id_feature(name).table_name: TableConstraint(sharding_types=("row_wise", "table_wise"))
+        for name in big
+    }

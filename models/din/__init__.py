@@ -1,0 +1,20 @@
+"""Zoo entry ``din``: Deep Interest Network."""
+
+from models.base import build_ctr_train_module
+from models.common import item_and_user_constraints
+from models.din.model import DIN, DINConfig
+from models.registry import ModelSpec, register
+
+SPEC = register(
+    ModelSpec(
+        name="din",
+        config_cls=DINConfig,
+        build=lambda cfg, schema, device: DIN(cfg, schema, device),
+        build_train_module=build_ctr_train_module,
+        default_constraints=lambda cfg, schema: item_and_user_constraints(
+            schema, cfg.user_feature, cfg.target_features
+        ),
+    )
+)
+
+__all__ = ["DIN", "DINConfig", "SPEC"]
