@@ -17,7 +17,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim import RowWiseAdagrad
@@ -55,17 +54,9 @@ def device_for(cfg_device: str, env: DistEnv) -> torch.device:
     raise ValueError(f"train.device must be 'cpu' or 'cuda', got {cfg_device!r}")
 
 
-def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
-    params: list[nn.Parameter] = []
-    for m in model.modules():
-        if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)):
-            params.extend(m.parameters())
-    return params
-
-
 def apply_sparse_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
     """Fuses the sparse optimizer into the embedding tables' backward (torchrec's in-backward optimizer)."""
-    params = _embedding_params(model)
+    params = sharding.embedding_parameters(model)
     if not params:
         return
     table: dict[SparseOptimizer, tuple[type, dict[str, Any]]] = {
@@ -78,7 +69,8 @@ def apply_sparse_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
     apply_optimizer_in_backward(cls, params, kwargs)
 
 
-def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> CombinedOptimizer:
+def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> tuple[CombinedOptimizer, KeyedOptimizerWrapper]:
+    """The fused sparse optimizer (already inside DMP) combined with the dense one; returns (combined, dense)."""
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     table = {
         DenseOptimizer.sgd: lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
@@ -86,7 +78,7 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> Combined
         DenseOptimizer.adam: lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
     }
     dense = KeyedOptimizerWrapper(dense_params, table[cfg.dense])
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    return CombinedOptimizer([dmp.fused_optimizer, dense]), dense
 
 
 class _CountingIterator:
@@ -189,7 +181,7 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
     plan_text = sharding.plan_table(plan, dmp)
     if is_main:
         sharding.write_plan(run_dir, plan, plan_text)
-    optimizer = build_optimizer(dmp, cfg.optim)
+    optimizer, dense_optimizer = build_optimizer(dmp, cfg.optim)
 
     ckpt_dir = run_dir / "checkpoints"
     found = checkpoint.latest(ckpt_dir) if cfg.train.resume else None
@@ -200,6 +192,10 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
     n_id = len(schema.id_features)
     stream = _CountingIterator(iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step)), n_id)
     if found is not None:
+        # Dense optimizer state is created lazily at the first step: create it (a zero-gradient step) so that
+        # the checkpoint's state can be loaded into it in place; the load then overwrites it and the weights.
+        dense_optimizer.init_state()
+        dense_optimizer.zero_grad(set_to_none=True)
         state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
         checkpoint.load(found, state)  # also restores this rank's RNG state
         dmp.load_state_dict(state["model"])
