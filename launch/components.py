@@ -11,9 +11,8 @@ scheduler options in ``.torchxconfig``), e.g. ``torchx run -s slurm launch/compo
 from the project's environment (``.venv/bin`` first on PATH), as ``make train`` does.
 """
 
-from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torchx.specs as specs
 from torchx.components import dist
@@ -29,8 +28,8 @@ def train(
     image: str = "ghcr.io/pytorch/torchx:0.7.0",
     rdzv_port: int = 29500,
     max_retries: int = 0,
-    env: Optional[dict[str, str]] = None,
-    mounts: Optional[list[str]] = None,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
     """Trains a zoo entry with ``python -m launch.train`` on ``j`` = NODESxPROCS_PER_NODE processes.
 
