@@ -1,0 +1,1 @@
+"""Entry points, trainer, sharding (planner, DMP, plans), optimizers and TorchX components."""
