@@ -213,11 +213,25 @@ class CpuEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return types
 
 
+class ZooEmbeddingCollectionSharder(EmbeddingCollectionSharder):
+    """torchrec's EmbeddingCollection sharder without ``data_parallel``.
+
+    In torchrec 1.8 a data-parallel EmbeddingCollection fails at its first forward when the input KJT carries
+    features of other tables (``split_with_sizes expects split_sizes to sum exactly to ...``): its input
+    distribution does not select the module's own features. Every zoo batch carries all id features in one
+    KJT, so the planner must not pick data-parallel for an EmbeddingCollection (it would, for small tables).
+    Asking for it in config fails with the list of supported types. EmbeddingBagCollections keep it.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        return [t for t in super().sharding_types(compute_device_type) if t != ShardingType.DATA_PARALLEL.value]
+
+
 def build_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[ModuleSharder[nn.Module]]:
     """Sharders for EmbeddingCollection and EmbeddingBagCollection.
 
-    EmbeddingCollection: data_parallel, table_wise, column_wise, row_wise (torchrec's sharder, which admits
-    row-wise on CPU already; torchrec's sharded EmbeddingCollection implements no other type).
+    EmbeddingCollection: table_wise, column_wise, row_wise (torchrec's sharder, which admits row-wise on CPU
+    already, minus data_parallel: see :class:`ZooEmbeddingCollectionSharder`).
     EmbeddingBagCollection: those plus table_row_wise and table_column_wise, on CPU too.
 
     Args:
@@ -225,7 +239,7 @@ def build_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[Module
             "learning_rate": 0.1}``); None when the optimizer comes from ``apply_optimizer_in_backward``.
     """
     return [
-        EmbeddingCollectionSharder(fused_params=fused_params),
+        ZooEmbeddingCollectionSharder(fused_params=fused_params),
         CpuEmbeddingBagCollectionSharder(fused_params=fused_params),
     ]
 

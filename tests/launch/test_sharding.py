@@ -117,6 +117,15 @@ def test_sharder_support_is_checked_per_module_type() -> None:
     assert p.plan["model.ebc"]["t_user"].sharding_type == "table_row_wise"
 
 
+def test_embedding_collection_is_never_data_parallel() -> None:
+    # torchrec 1.8's data-parallel EmbeddingCollection breaks on KJTs with other tables' features.
+    with pytest.raises(ValueError, match=r"t_item \(EmbeddingCollection\).*data_parallel.*supported: "):
+        _plan_2_ranks(ShardingConfig(tables={"t_item": TableShardingConfig(sharding_types=["data_parallel"])}))
+    p = _plan_2_ranks(ShardingConfig())  # tiny tables: the planner would pick data_parallel if it could
+    assert p.plan["model.ec"]["t_item"].sharding_type != "data_parallel"
+    assert p.plan["model.ec"]["t_category"].sharding_type != "data_parallel"
+
+
 def test_structured_config_from_yaml() -> None:
     yaml = """
     tables:
