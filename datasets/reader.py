@@ -726,7 +726,10 @@ class ParquetStream(IterableDataset):
 
 
 def _loader(dataset: ParquetStream, cfg: DataConfig) -> DataLoader:
-    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers)
+    # Its own generator: creating an iterator must not draw from the global RNG (dropout's), which would make
+    # a resumed run's random stream depend on when its loaders were created.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, generator=generator)
 
 
 def train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 0) -> Iterable[Batch]:
