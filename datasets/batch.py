@@ -13,16 +13,18 @@ from torchrec.streamable import Pipelineable
 class Batch(Pipelineable):
     """A batch of samples (or requests), in torchrec's pipelineable form.
 
-    Shapes: B batch, F scalar float features, T tasks (label columns), N id features.
+    Shapes: B batch, F scalar float features, T tasks (scalar label columns), N id features.
 
     Attributes:
         sparse_features: every id feature, keys in schema order. Scalar features have length 1 per row;
-            sequence features are jagged (most recent behaviour last). Ids are already validated against
-            their tables.
-        float_sequences: float list features aligned with the sequences (values float32), keys in schema
-            order; empty keys when the schema has none.
+            sequence features are jagged (most recent behaviour last); sequence features of one group have
+            equal lengths per row. Ids are already validated against their tables.
+        float_sequences: float list features, aligned with the other columns of their group (values
+            float32), keys in schema order; empty keys when the schema has none.
         float_features: ``[B, F]`` scalar float features (F may be 0).
-        labels: ``[B, T]`` float32, 0 or 1.
+        labels: ``[B, T]`` float32, 0 or 1 (T may be 0 when the schema has only sequence labels).
+        sequence_labels: per-element 0/1 labels (values float32, e.g. one per candidate), aligned with the
+            other columns of their group, keys in schema order; empty keys (stride B) when the schema has none.
         group_ids: ``[B]`` int64, the GAUC group (user id).
         weights: ``[B]`` float32 per-sample loss weight; 0 on padding rows.
         valid: ``[B]`` bool, False on padding rows (added to keep every rank's batch the same size).
@@ -33,6 +35,7 @@ class Batch(Pipelineable):
     float_sequences: KeyedJaggedTensor
     float_features: torch.Tensor
     labels: torch.Tensor
+    sequence_labels: KeyedJaggedTensor
     group_ids: torch.Tensor
     weights: torch.Tensor
     valid: torch.Tensor
@@ -48,6 +51,7 @@ class Batch(Pipelineable):
             float_sequences=self.float_sequences.to(device=device, non_blocking=non_blocking),
             float_features=self.float_features.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
+            sequence_labels=self.sequence_labels.to(device=device, non_blocking=non_blocking),
             group_ids=self.group_ids.to(device=device, non_blocking=non_blocking),
             weights=self.weights.to(device=device, non_blocking=non_blocking),
             valid=self.valid.to(device=device, non_blocking=non_blocking),
@@ -57,6 +61,7 @@ class Batch(Pipelineable):
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse_features.record_stream(stream)
         self.float_sequences.record_stream(stream)
+        self.sequence_labels.record_stream(stream)
         for t in (self.float_features, self.labels, self.group_ids, self.weights, self.valid, self.id_fixes):
             t.record_stream(stream)
 
@@ -66,6 +71,7 @@ class Batch(Pipelineable):
             float_sequences=self.float_sequences.pin_memory(),
             float_features=self.float_features.pin_memory(),
             labels=self.labels.pin_memory(),
+            sequence_labels=self.sequence_labels.pin_memory(),
             group_ids=self.group_ids.pin_memory(),
             weights=self.weights.pin_memory(),
             valid=self.valid.pin_memory(),

@@ -18,9 +18,10 @@ hist_relevance         list<float32>       synthetic data only: each behaviour's
 label                  float32             0 or 1
 =====================  ==================  =====================================================
 
-Id 0 is padding everywhere; table sizes are therefore ``count + 1``. The target and the behaviours share
-tables: ``t_item_id`` (``item_id``, ``hist_item_id``) and ``t_item_category`` (``item_category``,
-``hist_category``).
+The ``hist_*`` columns form the one sequence group ``history`` (equal lengths in every row; see
+:mod:`datasets.schema`). Id 0 is padding everywhere; table sizes are therefore ``count + 1``. The target
+and the behaviours share tables: ``t_item_id`` (``item_id``, ``hist_item_id``) and ``t_item_category``
+(``item_category``, ``hist_category``).
 """
 
 from __future__ import annotations

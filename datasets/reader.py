@@ -12,10 +12,14 @@ Readers
     of the (per-epoch shuffled, for training) unit list, so readers' shares are disjoint and together
     cover every unit exactly once per epoch.
 
-Ordering convention
+Ordering convention and truncation
     Sequence columns are chronological: the oldest behaviour first and the most recent behaviour last.
-    ``max_sequence_length = L > 0`` keeps the *last* ``L`` items of every sequence column (the most
-    recent behaviours). Rows keep the file order except where training shuffles them.
+    Sequence columns form groups (:meth:`SchemaConfig.sequence_groups`) whose columns have equal lengths in
+    every row. Each group ``g`` is truncated to the *last* ``L_g`` items of every one of its columns (the
+    most recent behaviours; the columns stay aligned), where ``L_g`` is the smaller positive one of
+    ``max_sequence_length`` and the loader's ``sequence_caps[g]`` (a model's declared need; 0 or absent =
+    no cap); neither positive keeps everything. Rows keep the file order except where training shuffles
+    them.
 
 Training stream (:func:`train_loader`)
     Infinite. Reader ``r`` walks epochs ``e = 0, 1, ...``; in epoch ``e`` the unit list is permuted with
@@ -36,10 +40,12 @@ Evaluation stream (:func:`eval_loader`)
 
 Validation
     File readability and every column's presence and arrow type are checked when a loader is built,
-    before anything is yielded. Every unit read is checked for nulls, out-of-range ids (per ``id_policy``,
-    before the KeyedJaggedTensor is built), labels other than 0/1 (NaN included), non-finite float
-    features and negative or non-finite weights. Each problem raises one :class:`DataError` naming the file,
-    the row group, the row (index within the file), the column and what was expected.
+    before anything is yielded. Every unit read is checked for nulls, sequence columns of one group with
+    different lengths in a row, out-of-range ids (per ``id_policy``, over the whole stored sequence,
+    before truncation and before the KeyedJaggedTensor is built), labels and sequence labels other than 0/1
+    (NaN included), non-finite float features and negative or non-finite weights. Each problem raises one
+    :class:`DataError` naming the file, the row group, the row (index within the file), the column and what
+    was expected.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ import glob
 import itertools
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -246,8 +252,8 @@ def _apply_plans(
 class _Rows:
     """Decoded, validated rows in flat numpy form; the unit of shuffling and batching.
 
-    Shapes: R rows, N id features, S float sequence features, F scalar floats, T tasks, E_i items of
-    jagged feature i.
+    Shapes: R rows, N id features, S float sequence features, F scalar floats, T tasks, Q sequence labels,
+    E_i items of jagged feature i. Jagged columns of one sequence group share one lengths array object.
     """
 
     id_values: list[np.ndarray]  # N x [E_i] int64 (scalar features: E_i = R)
@@ -256,6 +262,8 @@ class _Rows:
     seq_lengths: list[np.ndarray]  # S x [R] int64
     floats: np.ndarray  # [R, F] float32
     labels: np.ndarray  # [R, T] float32
+    lab_values: list[np.ndarray]  # Q x [E_i] float32, sequence labels
+    lab_lengths: list[np.ndarray]  # Q x [R] int64
     groups: np.ndarray  # [R] int64
     weights: np.ndarray  # [R] float32
     valid: np.ndarray  # [R] bool
@@ -268,6 +276,7 @@ class _Rows:
         cache: _PlanCache = {}
         id_values, id_lengths = _apply_plans(self.id_values, self.id_lengths, plan_fn, cache)
         seq_values, seq_lengths = _apply_plans(self.seq_values, self.seq_lengths, plan_fn, cache)
+        lab_values, lab_lengths = _apply_plans(self.lab_values, self.lab_lengths, plan_fn, cache)
         return _Rows(
             id_values=id_values,
             id_lengths=id_lengths,
@@ -275,6 +284,8 @@ class _Rows:
             seq_lengths=seq_lengths,
             floats=dense(self.floats),
             labels=dense(self.labels),
+            lab_values=lab_values,
+            lab_lengths=lab_lengths,
             groups=dense(self.groups),
             weights=dense(self.weights),
             valid=dense(self.valid),
@@ -313,6 +324,8 @@ class _Rows:
             seq_lengths=cat_lengths(lambda p: p.seq_lengths),
             floats=np.concatenate([p.floats for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
+            lab_values=cat(lambda p: p.lab_values),
+            lab_lengths=cat_lengths(lambda p: p.lab_lengths),
             groups=np.concatenate([p.groups for p in parts]),
             weights=np.concatenate([p.weights for p in parts]),
             valid=np.concatenate([p.valid for p in parts]),
@@ -349,6 +362,9 @@ class _Rows:
             float_sequences=kjt([f.name for f in schema.float_sequences], self.seq_values, self.seq_lengths, torch.float32),
             float_features=torch.from_numpy(np.require(self.floats, np.float32, ["C", "W"])),
             labels=torch.from_numpy(np.require(self.labels, np.float32, ["C", "W"])),
+            sequence_labels=kjt(
+                [f.name for f in schema.sequence_labels], self.lab_values, self.lab_lengths, torch.float32
+            ),
             group_ids=torch.from_numpy(np.require(self.groups, np.int64, ["C", "W"])),
             weights=torch.from_numpy(np.require(self.weights, np.float32, ["C", "W"])),
             valid=torch.from_numpy(np.require(self.valid, bool, ["C", "W"])),
@@ -448,44 +464,71 @@ def _fix_ids(
     return fixed, bad
 
 
-def _decode(table: pa.Table, schema: SchemaConfig, cfg: DataConfig, where: _Where) -> _Rows:
-    """Validates one unit's arrow table and converts it to :class:`_Rows` (truncated, ids fixed)."""
+def _check_binary(values: np.ndarray, offsets: Optional[np.ndarray], column: str, where: _Where) -> None:
+    """Raises DataError at the first value other than 0 or 1 (NaN included) of a label column."""
+    bad = ~((values == 0) | (values == 1))  # NaN compares false
+    if bad.any():
+        pos = _first(bad)
+        row = _row_of(pos, offsets)
+        at = "" if offsets is None else f" (list position {pos - int(offsets[row])})"
+        raise DataError(f"{where.row(row, column)}: label value {float(values[pos])}{at}; expected 0 or 1")
+
+
+def _decode(
+    table: pa.Table, schema: SchemaConfig, cfg: DataConfig, caps: Mapping[str, int], where: _Where
+) -> _Rows:
+    """Validates one unit's arrow table and converts it to :class:`_Rows` (truncated, ids fixed).
+
+    Args:
+        caps: sequence group -> keep the last this many items of its columns (0 = all); every group.
+    """
     n = table.num_rows
-    max_len = cfg.max_sequence_length
 
     def column(name: str) -> pa.Array:
         return table.column(name).combine_chunks()
 
+    # Sequence columns: split, check every group's alignment, and plan each group's truncation once.
+    parts: dict[str, tuple[pa.Array, np.ndarray]] = {}  # column -> (flat values, offsets [R + 1])
+    group_of: dict[str, str] = {}
+    tails: dict[str, _Plan] = {}  # group -> (index into the values, kept lengths [R], one object per group)
+    for group, names in schema.sequence_groups().items():
+        ref: Optional[np.ndarray] = None
+        for name in names:
+            flat, lengths, offsets = _list_parts(column(name), name, where)
+            parts[name] = (flat, offsets)
+            group_of[name] = group
+            if ref is None:
+                ref = lengths
+                continue
+            misaligned = lengths != ref
+            if misaligned.any():
+                row = _first(misaligned)
+                raise DataError(
+                    f"{where.row(row, name)}: {int(lengths[row])} elements, but column {names[0]!r} of the same "
+                    f"sequence group {group!r} has {int(ref[row])}; every sequence column of group {group!r} "
+                    f"({', '.join(names)}) must have the same length in every row"
+                )
+        assert ref is not None
+        tails[group] = _tail_plan(ref, caps.get(group, 0))
+
     ones = np.ones(n, dtype=np.int64)  # lengths of every scalar id feature
-    distinct: list[np.ndarray] = [ones]  # one object per distinct lengths array (aligned columns share it)
-
-    def shared(lengths: np.ndarray) -> np.ndarray:
-        for d in distinct:
-            if np.array_equal(d, lengths):
-                return d
-        distinct.append(lengths)
-        return lengths
-
-    def tail(lengths: np.ndarray) -> _Plan:
-        return _tail_plan(lengths, max_len)
-
-    tails: _PlanCache = {}  # truncation plans per lengths object
     id_values, id_lengths = [], []
     fixes = np.zeros((n, len(schema.id_features)), dtype=np.int64)
     for i, f in enumerate(schema.id_features):
-        arr = column(f.name)
         if f.sequence:
-            flat, lengths, offsets = _list_parts(arr, f.name, where)
-            values, lengths = _numpy(flat, np.int64), shared(lengths)
+            flat, offsets = parts[f.name]
+            values, lengths = _numpy(flat, np.int64), np.diff(offsets)
         else:
+            arr = column(f.name)
             _check_nulls(arr, f.name, where)
             values, lengths, offsets = _numpy(arr, np.int64), ones, None
         values, bad = _fix_ids(values, lengths, offsets, f.num_embeddings, cfg.id_policy, f.name, where)
         if f.sequence:
-            (values, bad), (kept, _) = _apply_plans([values, bad], [lengths, lengths], tail, tails)
+            index, lengths = tails[group_of[f.name]]
+            values = values[index]
             if bad.any():  # count only the rewritten ids that reach the batch
-                fixes[:, i] = np.bincount(np.repeat(np.arange(n, dtype=np.int64), kept)[bad], minlength=n)
-            lengths = kept
+                bad = bad[index]
+                fixes[:, i] = np.bincount(np.repeat(np.arange(n, dtype=np.int64), lengths)[bad], minlength=n)
         elif bad.any():
             fixes[:, i] = bad
         id_values.append(values)
@@ -493,14 +536,23 @@ def _decode(table: pa.Table, schema: SchemaConfig, cfg: DataConfig, where: _Wher
 
     seq_values, seq_lengths = [], []
     for f in schema.float_sequences:
-        flat, lengths, offsets = _list_parts(column(f.name), f.name, where)
+        flat, offsets = parts[f.name]
         values = _numpy(flat, np.float32)
         if not np.isfinite(values).all():
             pos = _first(~np.isfinite(values))
             raise DataError(f"{where.row(_row_of(pos, offsets), f.name)}: value {values[pos]}; expected finite floats")
-        (values,), (lengths,) = _apply_plans([values], [shared(lengths)], tail, tails)
-        seq_values.append(values)
+        index, lengths = tails[group_of[f.name]]
+        seq_values.append(values[index])
         seq_lengths.append(lengths)
+
+    lab_values, lab_lengths = [], []
+    for f in schema.sequence_labels:
+        flat, offsets = parts[f.name]
+        values = _numpy(flat, np.float64)
+        _check_binary(values, offsets, f.name, where)
+        index, lengths = tails[group_of[f.name]]
+        lab_values.append(values[index].astype(np.float32))
+        lab_lengths.append(lengths)
 
     floats = np.zeros((n, len(schema.float_scalars)), dtype=np.float32)
     for j, f in enumerate(schema.float_scalars):
@@ -516,10 +568,7 @@ def _decode(table: pa.Table, schema: SchemaConfig, cfg: DataConfig, where: _Wher
         arr = column(name)
         _check_nulls(arr, name, where)
         y = _numpy(arr, np.float64)
-        bad = ~((y == 0) | (y == 1))  # NaN compares false
-        if bad.any():
-            row = _first(bad)
-            raise DataError(f"{where.row(row, name)}: label value {float(y[row])}; expected 0 or 1")
+        _check_binary(y, None, name, where)
         labels[:, t] = y
 
     groups_arr = column(schema.group_column)
@@ -544,6 +593,8 @@ def _decode(table: pa.Table, schema: SchemaConfig, cfg: DataConfig, where: _Wher
         seq_lengths=seq_lengths,
         floats=floats,
         labels=labels,
+        lab_values=lab_values,
+        lab_lengths=lab_lengths,
         groups=groups,
         weights=weights,
         valid=np.ones(n, dtype=bool),
@@ -575,6 +626,25 @@ def _rebatch(parts: Iterable[_Rows], batch_size: int, pad_last: bool) -> Iterato
 # ------------------------------------------------------------------------------------------- dataset
 
 
+def _group_caps(cfg: DataConfig, sequence_caps: Mapping[str, int]) -> dict[str, int]:
+    """Every sequence group -> the number of last items kept (0 = all): the smaller positive one of
+    ``cfg.max_sequence_length`` and ``sequence_caps[group]``."""
+    groups = cfg.schema.sequence_groups()
+    unknown = sorted(set(sequence_caps) - set(groups))
+    if unknown:
+        raise ValueError(
+            f"sequence_caps names unknown sequence groups {unknown}; the schema's groups are {list(groups)}"
+        )
+    out = {}
+    for group in groups:
+        cap = int(sequence_caps.get(group, 0))
+        if cap < 0:
+            raise ValueError(f"sequence_caps[{group!r}] must be >= 0 (0 = no cap), got {cap}")
+        limits = [x for x in (cfg.max_sequence_length, cap) if x > 0]
+        out[group] = min(limits) if limits else 0
+    return out
+
+
 class ParquetStream(IterableDataset):
     """An IterableDataset of :class:`Batch` over parquet files, one rank's share.
 
@@ -588,6 +658,13 @@ class ParquetStream(IterableDataset):
         world_size: number of ranks.
         train: True for the infinite shuffled training stream, False for one finite unshuffled pass.
         start_step: training only: batches of this rank's stream to skip (resume).
+        sequence_caps: sequence group -> keep at most the last this many items of every column of the group
+            (a model's declared need; 0 = no cap), combined with ``cfg.max_sequence_length`` by taking the
+            smaller positive one.
+
+    Raises:
+        ValueError: bad rank, sizes or ``start_step``; ``sequence_caps`` names a group the schema does not
+            have, or holds a negative cap.
     """
 
     def __init__(
@@ -598,6 +675,7 @@ class ParquetStream(IterableDataset):
         world_size: int,
         train: bool,
         start_step: int = 0,
+        sequence_caps: Optional[Mapping[str, int]] = None,
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -609,6 +687,7 @@ class ParquetStream(IterableDataset):
         if start_step < 0 or (start_step and not train):
             raise ValueError(f"start_step must be >= 0 and only used for training, got {start_step}")
         cfg.schema.validate()
+        self.caps = _group_caps(cfg, sequence_caps or {})
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
@@ -657,7 +736,7 @@ class ParquetStream(IterableDataset):
             table = table.slice(unit.start, unit.num_rows)
         group_first = meta.row_group_offset(unit.row_group)
         where = _Where(meta.path, unit.row_group, group_first + unit.start, group_first)
-        return _decode(table, self.cfg.schema, self.cfg, where)
+        return _decode(table, self.cfg.schema, self.cfg, self.caps, where)
 
     def _train_parts(self, reader: int, skip_rows: int) -> Iterator[_Rows]:
         """Reader ``reader``'s infinite row stream, its first ``skip_rows`` rows dropped (footers only)."""
@@ -732,7 +811,13 @@ def _loader(dataset: ParquetStream, cfg: DataConfig) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=cfg.num_workers, generator=generator)
 
 
-def train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 0) -> Iterable[Batch]:
+def train_loader(
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    start_step: int = 0,
+    sequence_caps: Optional[Mapping[str, int]] = None,
+) -> Iterable[Batch]:
     """The infinite, deterministic training stream of one rank (see the module docstring).
 
     Every batch has exactly ``cfg.batch_size`` rows, all valid. The stream resumed with ``start_step = s``
@@ -743,6 +828,10 @@ def train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 
         rank: this rank.
         world_size: number of ranks.
         start_step: batches already consumed by this rank (resume).
+        sequence_caps: sequence group -> keep at most the last this many items of every column of the
+            group (e.g. ``{"history": 50}`` for a model that reads 50 behaviours); combined with
+            ``cfg.max_sequence_length`` by taking the smaller positive one. Ids are validated over the whole
+            stored sequence regardless.
 
     Returns:
         A ``DataLoader`` (``batch_size=None``, ``cfg.num_workers`` workers) yielding :class:`Batch`.
@@ -750,11 +839,17 @@ def train_loader(cfg: DataConfig, rank: int, world_size: int, start_step: int = 
     Raises:
         DataError: unreadable file, missing or mistyped column (before anything is yielded); bad values
             while iterating.
+        ValueError: ``sequence_caps`` names a group the schema does not have (the message lists them).
     """
-    return _loader(ParquetStream(cfg, cfg.train_paths, rank, world_size, train=True, start_step=start_step), cfg)
+    ds = ParquetStream(
+        cfg, cfg.train_paths, rank, world_size, train=True, start_step=start_step, sequence_caps=sequence_caps
+    )
+    return _loader(ds, cfg)
 
 
-def eval_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterable[Batch]:
+def eval_loader(
+    cfg: DataConfig, rank: int, world_size: int, sequence_caps: Optional[Mapping[str, int]] = None
+) -> Iterable[Batch]:
     """One finite, unshuffled pass over ``cfg.eval_paths``, this rank's share (see the module docstring).
 
     Every row appears exactly once across all ranks and workers with ``valid = True``; padding rows have
@@ -764,8 +859,13 @@ def eval_loader(cfg: DataConfig, rank: int, world_size: int) -> Iterable[Batch]:
         cfg: data config; ``cfg.eval_paths`` are read.
         rank: this rank.
         world_size: number of ranks.
+        sequence_caps: as for :func:`train_loader`.
 
     Returns:
         A ``DataLoader`` (``batch_size=None``, ``cfg.num_workers`` workers) yielding :class:`Batch`.
+
+    Raises:
+        DataError: as for :func:`train_loader`.
+        ValueError: ``sequence_caps`` names a group the schema does not have (the message lists them).
     """
-    return _loader(ParquetStream(cfg, cfg.eval_paths, rank, world_size, train=False), cfg)
+    return _loader(ParquetStream(cfg, cfg.eval_paths, rank, world_size, train=False, sequence_caps=sequence_caps), cfg)

@@ -1,20 +1,32 @@
 """The canonical long-sequence CTR sample schema, stored as parquet.
 
-One parquet row is one sample (or, for request-level data such as DUET's, one request whose candidates are
-list columns). Columns are declared, by role, in a :class:`SchemaConfig`:
+One parquet row is one sample: a (user, target item) pair with the user's behaviour history. A data set may
+instead store one row per *request*: the user's history plus the request's candidates as list columns (one
+element per candidate), labelled per candidate. Columns are declared, by role, in a :class:`SchemaConfig`:
 
 * ``id_features``: integer ids looked up in embedding tables. A scalar feature is an ``int64`` column
   (``user_id``, ``item_id``, ``item_category``); a sequence feature is a ``list<int64>`` column
-  (``hist_item_id``, ``hist_category``, ``hist_behavior_type``). Sequences are chronological: oldest first,
-  the most recent behaviour last. They are stored unpadded (jagged); padding is the model's business.
-  ``num_embeddings`` is the table size: a valid id lies in ``[0, num_embeddings)``; id 0 is padding by
-  convention (converters remap real ids from 1).
-* ``float_features``: ``float32``/``float64`` columns, scalar or ``list<float>`` aligned with the sequences
-  (``hist_time_delta``: seconds between the behaviour and the target request; ``hist_play_time``; the
-  synthetic data's ``hist_relevance``).
-* ``labels``: one column per task, values exactly 0 or 1.
+  (``hist_item_id``, ``hist_category``, ``hist_behavior_type``; ``cand_item_id`` in request-level data).
+  Behaviour sequences are chronological: oldest first, the most recent behaviour last. Sequences are
+  stored unpadded (jagged); padding is the model's business. ``num_embeddings`` is the table size: a valid
+  id lies in ``[0, num_embeddings)``; id 0 is padding by convention (converters remap real ids from 1).
+* ``float_features``: ``float32``/``float64`` columns, scalar or ``list<float>`` (``hist_time_delta``:
+  seconds between the behaviour and the target request; ``hist_play_time``; the synthetic data's
+  ``hist_relevance``).
+* ``labels``: one scalar column per task, values exactly 0 or 1 (may be empty when ``sequence_labels``
+  is not).
+* ``sequence_labels``: list columns of per-element 0/1 labels (request-level data: ``cand_click``, one label
+  per candidate), float, int or bool elements.
 * ``group_column``: the id that GAUC groups by (the user), ``weight_column``: an optional per-sample weight
   (IPS), both scalar columns.
+
+Sequence groups
+    Every sequence column (id, float or label) belongs to a *group* (``group``, default ``"history"``):
+    all sequence columns of one group have the same length in every row, element ``k`` of each describing
+    the same behaviour (or candidate). The reader rejects a row whose columns of one group differ in
+    length, and truncation keeps the same tail of every column of a group. Request-level data uses a second
+    group, e.g. ``"candidates"`` for ``cand_item_id`` and ``cand_click``, independent of ``"history"``.
+    ``group`` means nothing on scalar columns.
 
 Tables are named ``t_<feature>``; features that share a table (a target item and the behaviour items) name
 it with ``table``.
@@ -44,14 +56,16 @@ class IdFeature:
     Attributes:
         name: column name, also the KeyedJaggedTensor key.
         num_embeddings: rows of the table: valid ids are ``0 <= id < num_embeddings``.
-        sequence: True for a ``list<int64>`` column (one id per behaviour), False for an ``int64`` column.
+        sequence: True for a ``list<int64>`` column (one id per element), False for an ``int64`` column.
         table: embedding table shared by several features, without the ``t_`` prefix (default: ``name``).
+        group: sequence group (sequence features only): columns of one group have equal lengths per row.
     """
 
     name: str = "???"
     num_embeddings: int = 0
     sequence: bool = False
     table: Optional[str] = None
+    group: str = "history"
 
     @property
     def table_name(self) -> str:
@@ -60,19 +74,37 @@ class IdFeature:
 
 @dataclass
 class FloatFeature:
-    """A float column: scalar (``float``) or a list aligned with the behaviour sequence (``list<float>``)."""
+    """A float column: scalar (``float``) or a list aligned with the other columns of its group.
+
+    Attributes:
+        name: column name, also the KeyedJaggedTensor key of a sequence.
+        sequence: True for a ``list<float>`` column, False for a ``float`` column.
+        group: sequence group (sequences only): columns of one group have equal lengths per row.
+    """
 
     name: str = "???"
     sequence: bool = False
+    group: str = "history"
 
 
 @dataclass
 class SchemaConfig:
-    """Column roles of a data set; see the module docstring."""
+    """Column roles of a data set; see the module docstring.
+
+    Attributes:
+        id_features: id columns, scalar or sequence, in KeyedJaggedTensor key order.
+        float_features: float columns, scalar or sequence.
+        labels: scalar 0/1 label columns, one per task (may be empty if ``sequence_labels`` is not).
+        sequence_labels: list columns of per-element 0/1 labels; ``sequence`` must be True and ``group``
+            names the group they are aligned with (e.g. ``cand_click`` in group ``candidates``).
+        group_column: scalar id column GAUC groups by.
+        weight_column: optional scalar per-sample weight column.
+    """
 
     id_features: list[IdFeature] = field(default_factory=list)
     float_features: list[FloatFeature] = field(default_factory=list)
     labels: list[str] = field(default_factory=lambda: ["label"])
+    sequence_labels: list[FloatFeature] = field(default_factory=list)
     group_column: str = "user_id"
     weight_column: Optional[str] = None
 
@@ -90,6 +122,17 @@ class SchemaConfig:
     def float_scalars(self) -> list[FloatFeature]:
         return [f for f in self.float_features if not f.sequence]
 
+    def sequence_groups(self) -> dict[str, list[str]]:
+        """Group -> its sequence columns: id sequences, float sequences, then sequence labels, each in schema
+        order; groups in order of first appearance."""
+        out: dict[str, list[str]] = {}
+        columns = (
+            [f for f in self.id_features if f.sequence] + self.float_sequences + list(self.sequence_labels)
+        )
+        for f in columns:
+            out.setdefault(f.group, []).append(f.name)
+        return out
+
     def table_sizes(self) -> dict[str, int]:
         """Table name -> rows, checking that features sharing a table agree on its size."""
         sizes: dict[str, int] = {}
@@ -106,15 +149,20 @@ class SchemaConfig:
         """Column -> accepted arrow types (the first is what writers in this project produce)."""
         ints = (pa.int64(), pa.int32())
         floats = (pa.float32(), pa.float64())
+        label_types = floats + ints + (pa.int8(), pa.bool_())
+
+        def lists(types: tuple[pa.DataType, ...]) -> tuple[pa.DataType, ...]:
+            return tuple(pa.list_(t) for t in types) + tuple(pa.large_list(t) for t in types)
+
         out: dict[str, tuple[pa.DataType, ...]] = {}
         for f in self.id_features:
-            out[f.name] = tuple(pa.list_(t) for t in ints) + tuple(pa.large_list(t) for t in ints) if f.sequence else ints
+            out[f.name] = lists(ints) if f.sequence else ints
         for f in self.float_features:
-            out[f.name] = (
-                tuple(pa.list_(t) for t in floats) + tuple(pa.large_list(t) for t in floats) if f.sequence else floats
-            )
+            out[f.name] = lists(floats) if f.sequence else floats
         for name in self.labels:
-            out[name] = floats + ints + (pa.int8(), pa.bool_())
+            out[name] = label_types
+        for f in self.sequence_labels:
+            out[f.name] = lists(label_types)
         if self.group_column not in out:
             out[self.group_column] = ints
         if self.weight_column is not None:
@@ -122,16 +170,29 @@ class SchemaConfig:
         return out
 
     def validate(self) -> None:
-        """Checks internal consistency (unique names, positive table sizes)."""
-        names = [f.name for f in self.id_features] + [f.name for f in self.float_features] + list(self.labels)
+        """Checks internal consistency (unique names, positive table sizes, at least one label, sequence
+        labels declared as sequences, non-empty group names)."""
+        names = (
+            [f.name for f in self.id_features]
+            + [f.name for f in self.float_features]
+            + list(self.labels)
+            + [f.name for f in self.sequence_labels]
+            + ([self.weight_column] if self.weight_column is not None else [])
+        )
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"schema declares these columns more than once: {dup}")
         for f in self.id_features:
             if f.num_embeddings <= 0:
                 raise ValueError(f"id feature {f.name}: num_embeddings must be > 0, got {f.num_embeddings}")
-        if not self.labels:
-            raise ValueError("schema needs at least one label column")
+        if not self.labels and not self.sequence_labels:
+            raise ValueError("schema needs at least one label column (labels or sequence_labels)")
+        for f in self.sequence_labels:
+            if not f.sequence:
+                raise ValueError(f"sequence label {f.name}: set sequence: true (sequence labels are list columns)")
+        for f in [*self.id_features, *self.float_features, *self.sequence_labels]:
+            if f.sequence and not f.group:
+                raise ValueError(f"sequence column {f.name}: group must be a non-empty name")
         self.table_sizes()
 
 

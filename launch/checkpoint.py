@@ -35,9 +35,20 @@ LATEST = "latest"
 
 @dataclass
 class CheckpointMeta:
+    """What ``meta.json`` records besides the tensors.
+
+    Attributes:
+        step: optimizer steps taken (the data position: the training stream is a pure function of it).
+        world_size: ranks that wrote the checkpoint.
+        samples_seen: global samples trained on.
+        id_fixes: ids rewritten by the reader's hash / clip policy in the trained batches, summed over ranks,
+            per id feature in schema order.
+    """
+
     step: int
     world_size: int
     samples_seen: int
+    id_fixes: Optional[list[int]] = None
 
 
 def _barrier() -> None:

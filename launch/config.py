@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -192,8 +193,41 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {e}") from None
     assert isinstance(cfg, ExperimentConfig)
-    cfg.data.schema.validate()
+    try:
+        cfg.data.schema.validate()
+    except ValueError as e:
+        raise ConfigError(f"{path}: data.schema: {e}") from None
     return cfg, spec, merged
+
+
+def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
+    """Checks what needs the model before any process group exists: it builds on the meta device, and the
+    sharding constraints and sequence caps name its tables and the data's sequence groups.
+
+    Raises:
+        ConfigError: naming the section and what was expected.
+    """
+    from launch.sharding import embedding_tables, merge_constraints
+
+    schema = cfg.data.schema
+    try:
+        model = spec.build(cfg.model, schema, torch.device("meta"))
+        train_module = spec.build_train_module(model, cfg.model)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model ({spec.name}) does not fit data.schema: {e}") from None
+    try:
+        cfg.sharding.validate()
+        merge_constraints(spec.default_constraints(cfg.model, schema), cfg.sharding, embedding_tables(train_module))
+    except ValueError as e:
+        raise ConfigError(f"sharding: {e}") from None
+    groups = schema.sequence_groups()
+    caps = spec.sequence_caps(cfg.model, schema)
+    unknown = sorted(set(caps) - set(groups))
+    if unknown:
+        raise ConfigError(f"model ({spec.name}) caps sequence groups {unknown}; data.schema has {sorted(groups)}")
+    for name, value in (("train.max_steps", cfg.train.max_steps), ("data.batch_size", cfg.data.batch_size)):
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
 
 
 def dump_config(resolved: DictConfig) -> str:

@@ -1,8 +1,10 @@
 """Evaluation metrics over the whole evaluation set: predictions are gathered from every rank, not averaged.
 
-AUC comes from torchmetrics; GAUC is the impression-weighted mean of per-group (per-user) AUCs over the groups
-that have both a positive and a negative (the groups with one class have no AUC and are left out, as in the DIN
-paper); logloss is the mean binary cross-entropy of the predicted probabilities.
+AUC comes from torchmetrics. GAUC is computed here, vectorised with numpy over the gathered predictions:
+torchrec.metrics' GAUC is a streaming per-rank RecMetric with its own state and windowing, built to run inside
+torchrec's metric module; over one gathered evaluation set a sort and a few bincounts are simpler. GAUC is the
+impression-weighted mean of per-group (per-user) AUCs over the groups that have both a positive and a negative
+(the groups with one class have no AUC and are left out, as in the DIN paper); logloss is the mean binary cross-entropy of the predicted probabilities.
 """
 
 from __future__ import annotations

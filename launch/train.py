@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed as dist
 
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, load_config, validate_experiment
 from launch.trainer import DistEnv, run
 
 
@@ -43,11 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg, spec, resolved = load_config(args.config, args.overrides)
+        validate_experiment(cfg, spec)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     env = _env()
-    backend = "nccl" if cfg.train.device == "cuda" else "gloo"
+    # On GPUs, CPU tensors (evaluation step agreement, timings) still need a backend: gloo beside nccl.
+    backend = "cpu:gloo,cuda:nccl" if cfg.train.device == "cuda" else "gloo"
     if "MASTER_ADDR" not in os.environ:  # plain single-process run
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))

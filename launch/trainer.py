@@ -5,12 +5,14 @@ Only this package reads the process environment; :func:`run` gets everything els
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -82,11 +84,15 @@ def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> tuple[Co
 
 
 class _CountingIterator:
-    """Passes batches through, summing the reader's id fixes and keeping the last batch as a template."""
+    """Passes batches through, remembering each one's id fixes (in order) and the last batch (a template).
 
-    def __init__(self, it: Iterator[Batch], n_features: int) -> None:
+    The training pipeline fetches up to two batches ahead of the step it trains, so fixes are only counted
+    (:meth:`count_next`) once their batch has been trained on.
+    """
+
+    def __init__(self, it: Iterator[Batch]) -> None:
         self._it = it
-        self.id_fixes = torch.zeros(n_features, dtype=torch.long)
+        self.pending: deque[torch.Tensor] = deque()
         self.last: Optional[Batch] = None
 
     def __iter__(self) -> "_CountingIterator":
@@ -94,30 +100,37 @@ class _CountingIterator:
 
     def __next__(self) -> Batch:
         b = next(self._it)
-        self.id_fixes += b.id_fixes.cpu()
+        self.pending.append(b.id_fixes.cpu())
         self.last = b
         return b
+
+    def count_next(self) -> torch.Tensor:
+        """The fixes of the oldest fetched batch not yet counted."""
+        return self.pending.popleft()
 
 
 def _invalid_copy(b: Batch) -> Batch:
     """The same batch with every row marked as padding (for ranks that ran out of evaluation data)."""
-    return Batch(
-        sparse_features=b.sparse_features,
-        float_sequences=b.float_sequences,
-        float_features=b.float_features,
-        labels=b.labels,
-        group_ids=b.group_ids,
-        weights=torch.zeros_like(b.weights),
-        valid=torch.zeros_like(b.valid),
-        id_fixes=torch.zeros_like(b.id_fixes),
+    return dataclasses.replace(
+        b, weights=torch.zeros_like(b.weights), valid=torch.zeros_like(b.valid), id_fixes=torch.zeros_like(b.id_fixes)
     )
 
 
 def evaluate(
-    dmp: nn.Module, cfg: ExperimentConfig, env: DistEnv, device: torch.device, template: Batch
+    dmp: nn.Module,
+    cfg: ExperimentConfig,
+    env: DistEnv,
+    device: torch.device,
+    template: Batch,
+    caps: Mapping[str, int],
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Runs the whole evaluation set through the sharded model; every rank takes the same number of steps."""
-    counter = _CountingIterator(iter(eval_loader(cfg.data, env.rank, env.world_size)), len(cfg.data.schema.id_features))
+    """Runs the whole evaluation set through the sharded model; every rank takes the same number of steps.
+
+    Returns:
+        The metrics (identical on every rank) and this rank's id fixes over the evaluation set.
+    """
+    counter = _CountingIterator(iter(eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)))
+    fixes = torch.zeros(len(cfg.data.schema.id_features), dtype=torch.long)
     logits, labels, groups = [], [], []
     was_training = dmp.training
     dmp.eval()
@@ -132,6 +145,8 @@ def evaluate(
                 break
             if b is None:
                 b = _invalid_copy(last)
+            else:
+                fixes += counter.count_next()
             last = b
             b = b.to(device)
             _, (_, out_logits, out_labels) = dmp(b)
@@ -145,7 +160,7 @@ def evaluate(
     all_logits = gather_rows(cat(logits, (0, n_tasks)).to(device)).cpu()
     all_labels = gather_rows(cat(labels, (0, n_tasks)).to(device)).cpu()
     all_groups = gather_rows(cat(groups, (0,)).long().to(device)).cpu()
-    return ctr_metrics(all_logits, all_labels, all_groups, list(cfg.data.schema.labels)), counter.id_fixes
+    return ctr_metrics(all_logits, all_labels, all_groups, list(cfg.data.schema.labels)), fixes
 
 
 def _sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -155,10 +170,26 @@ def _sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.cpu()
 
 
+def _max_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN / inf -> None, so that metrics.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    return x
+
+
 def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistEnv) -> dict[str, Any]:
     """Trains and evaluates one experiment; returns the metrics (the same dict on every rank).
 
-    The process group must already be initialised when ``env.world_size > 1``.
+    The process group must already be initialised (a world of one for a plain single-process run).
     """
     device = device_for(cfg.train.device, env)
     run_dir = Path(cfg.run_dir)
@@ -167,6 +198,7 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(resolved))
     schema = cfg.data.schema
+    caps = dict(spec.sequence_caps(cfg.model, schema))
     torch.manual_seed(cfg.train.seed)
 
     model = spec.build(cfg.model, schema, torch.device("meta"))
@@ -183,24 +215,26 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
         sharding.write_plan(run_dir, plan, plan_text)
     optimizer, dense_optimizer = build_optimizer(dmp, cfg.optim)
 
+    n_id = len(schema.id_features)
     ckpt_dir = run_dir / "checkpoints"
     found = checkpoint.latest(ckpt_dir) if cfg.train.resume else None
     step = 0
+    train_fixes = torch.zeros(n_id, dtype=torch.long)  # this rank's, over trained batches
     if found is not None:
         step = checkpoint.read_meta(found).step
-    # Create the data iterator before seeding: a DataLoader draws its base seed from the global RNG.
-    n_id = len(schema.id_features)
-    stream = _CountingIterator(iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step)), n_id)
+    # Create the data iterator before seeding: nothing that creates a loader may shift the dropout stream.
+    stream = _CountingIterator(iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps)))
     if found is not None:
         # Dense optimizer state is created lazily at the first step: create it (a zero-gradient step) so that
         # the checkpoint's state can be loaded into it in place; the load then overwrites it and the weights.
         dense_optimizer.init_state()
         dense_optimizer.zero_grad(set_to_none=True)
         state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-        checkpoint.load(found, state)  # also restores this rank's RNG state
+        meta = checkpoint.load(found, state)  # also restores this rank's RNG state
         dmp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
-        if is_main:
+        if is_main:  # the checkpoint holds the sum over ranks: carry it on rank 0 only
+            train_fixes += torch.tensor(meta.id_fixes or [0] * n_id, dtype=torch.long)
             print(f"[train] resumed from {found} at step {step}", flush=True)
     else:
         torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # dropout stream of this rank
@@ -211,22 +245,28 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
 
     def save_checkpoint(at: int) -> None:
         state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-        gbs = cfg.data.batch_size * env.world_size
-        checkpoint.save(ckpt_dir, at, state, checkpoint.CheckpointMeta(at, env.world_size, at * gbs), cfg.train.keep_checkpoints)
+        fixes = _sum_ranks(train_fixes.clone(), device)
+        meta = checkpoint.CheckpointMeta(at, env.world_size, at * cfg.data.batch_size * env.world_size, fixes.tolist())
+        checkpoint.save(ckpt_dir, at, state, meta, cfg.train.keep_checkpoints)
+
+    def log_eval(m: dict[str, float], at: int) -> None:
+        if writer is not None:
+            for k in ("auc", "gauc", "logloss"):
+                writer.add_scalar(f"eval/{k}", m[k], at)
 
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.train.progress_bar), desc="train")
     train_time = 0.0
     steps_run = 0
     losses: list[float] = []
-    eval_metrics: dict[str, float] = {}
-    eval_fixes = torch.zeros(n_id, dtype=torch.long)
+    template = stream.last
     dmp.train()
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
         loss, _, _ = pipeline.progress(stream)
         loss_value = float(loss)
         train_time += time.perf_counter() - t0
+        train_fixes += stream.count_next()
         step += 1
         steps_run += 1
         if not math.isfinite(loss_value):
@@ -236,32 +276,36 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
             writer.add_scalar("train/loss", loss_value, step)
-            writer.add_scalar("train/samples_per_s", cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9), step)
+            samples_per_s = cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9)
+            writer.add_scalar("train/samples_per_s", samples_per_s, step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            # torchrec's pipeline cannot be re-attached over batches whose input distribution already ran, so
+            # the pipeline and its stream are rebuilt from the step count (the stream is a pure function of it).
             pipeline.detach()
-            m, _ = evaluate(dmp, cfg, env, device, stream.last)
-            if writer is not None:
-                for k in ("auc", "gauc", "logloss"):
-                    writer.add_scalar(f"eval/{k}", m[k], step)
+            template = stream.last
+            m, _ = evaluate(dmp, cfg, env, device, template, caps)
+            log_eval(m, step)
+            dmp.train()
+            stream = _CountingIterator(
+                iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps))
+            )
+            pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
             save_checkpoint(step)
     bar.close()
     pipeline.detach()
     if cfg.train.checkpoint_at_end and steps_run > 0:
         save_checkpoint(step)
-    template = stream.last
+    template = stream.last or template
     if template is None:  # resumed at max_steps: fetch one batch as the shape template for padding
-        template = next(iter(train_loader(cfg.data, env.rank, env.world_size)))
-    eval_metrics, eval_fixes = evaluate(dmp, cfg, env, device, template)
-    if writer is not None:
-        for k in ("auc", "gauc", "logloss"):
-            writer.add_scalar(f"eval/{k}", eval_metrics[k], step)
+        template = next(iter(train_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)))
+    eval_metrics, eval_fixes = evaluate(dmp, cfg, env, device, template, caps)
+    log_eval(eval_metrics, step)
 
     global_bs = cfg.data.batch_size * env.world_size
-    t = torch.tensor([train_time], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    fixes = _sum_ranks(stream.id_fixes + eval_fixes, device)
+    t = _max_ranks(torch.tensor([train_time], dtype=torch.float64), device)
+    train_total = _sum_ranks(train_fixes, device)
+    eval_total = _sum_ranks(eval_fixes, device)
     metrics: dict[str, Any] = {
         "model": spec.name,
         "auc": eval_metrics["auc"],
@@ -275,9 +319,12 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
         "first_train_loss": losses[0] if losses else float("nan"),
         "eval": eval_metrics,
         "id_policy": cfg.data.id_policy.value,
-        "id_fixes": {f.name: int(n) for f, n in zip(schema.id_features, fixes)},
+        # ids the reader rewrote (hash / clip policies) in trained batches over the whole run, and in evaluation
+        "id_fixes": {f.name: int(n) for f, n in zip(schema.id_features, train_total)},
+        "id_fixes_eval": {f.name: int(n) for f, n in zip(schema.id_features, eval_total)},
         "run_dir": str(run_dir.resolve()),
     }
+    metrics = _json_safe(metrics)
     if writer is not None:
         if steps_run:
             writer.add_scalar("train/samples_per_s", metrics["samples_per_s"], step)

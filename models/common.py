@@ -102,3 +102,15 @@ def item_and_user_constraints(
         schema.id_feature(name).table_name: TableConstraint(sharding_types=("row_wise", "table_wise"))
         for name in big
     }
+
+
+def history_caps(schema: SchemaConfig, history_features: Sequence[str], history_length: int) -> Mapping[str, int]:
+    """Sequence caps of a model that reads the last ``history_length`` behaviours of ``history_features``.
+
+    Raises:
+        ValueError: the history features span several sequence groups.
+    """
+    groups = {schema.id_feature(name).group for name in history_features}
+    if len(groups) != 1:
+        raise ValueError(f"history features {list(history_features)} span several sequence groups: {sorted(groups)}")
+    return {groups.pop(): history_length}

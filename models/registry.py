@@ -37,6 +37,9 @@ class ModelSpec:
         build_train_module: ``(model, config) -> nn.Module`` whose ``forward(batch)`` returns
             ``(loss, (loss, logits, labels))``, the contract of TrainPipelineSparseDist.
         default_constraints: ``(config, schema) -> {table name: TableConstraint}``.
+        sequence_caps: ``(config, schema) -> {sequence group: N}``: the model reads only the most recent N
+            elements of that group's columns, so the reader drops the rest before they are embedded (and
+            all-to-all'd). Empty (the default) = the model reads whole sequences.
     """
 
     name: str
@@ -44,6 +47,7 @@ class ModelSpec:
     build: Callable[[Any, SchemaConfig, torch.device], nn.Module]
     build_train_module: Callable[[nn.Module, Any], nn.Module]
     default_constraints: Callable[[Any, SchemaConfig], Mapping[str, TableConstraint]]
+    sequence_caps: Callable[[Any, SchemaConfig], Mapping[str, int]] = lambda config, schema: {}
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -11,6 +11,10 @@ py=${PYTHON:-python3}
 TORCH=2.13.0
 FBGEMM=1.8.0
 TORCHREC=1.8.0
+if ! "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  echo "[env] needs Python 3.11 (torch 2.13.0's CPU wheel here is for 3.11); '$py' is $("$py" -V 2>&1). Set PYTHON=python3.11" >&2
+  exit 1
+fi
 stamp_src=$(cat "$root/requirements/lock.txt" "$0" | sha256sum | cut -c1-16)
 stamp="$venv/.zoo-stamp"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$stamp_src" ]; then exit 0; fi
@@ -26,6 +30,9 @@ else
   "$pip" install -q "torch==$TORCH" "fbgemm-gpu-cpu==$FBGEMM"
 fi
 # torchrec's metadata pulls the CUDA fbgemm-gpu: install it alone, then its real dependencies from the lock.
+# pip then reports that torchrec "requires fbgemm-gpu" and "torchmetrics==1.0.3": expected. fbgemm-gpu-cpu
+# provides the fbgemm_gpu module; torchmetrics is pinned at 1.9.0 (the zoo uses torchmetrics' AUROC, not
+# torchrec.metrics, and 1.0.3 predates numpy 2); the test suite runs against exactly these pins.
 "$pip" install -q --no-deps "torchrec==$TORCHREC"
 "$pip" install -q -r "$root/requirements/lock.txt"
 "$venv/bin/python" -c "import torch, torchrec, fbgemm_gpu, torchx, pyarrow, omegaconf" 

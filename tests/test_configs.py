@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch.config import ConfigError, ExperimentConfig, load_config
+from launch.config import ConfigError, ExperimentConfig, load_config, validate_experiment
 from models.registry import all_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,7 @@ def _as_experiment(path: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
 def test_config_loads_and_builds_on_meta(path, tmp_path):
     cfg, spec, _ = load_config(_as_experiment(path, tmp_path))
+    validate_experiment(cfg, spec)
     assert isinstance(cfg, ExperimentConfig)
     assert isinstance(cfg.model, spec.config_cls)
     model = spec.build(cfg.model, cfg.data.schema, torch.device("meta"))
@@ -65,6 +66,17 @@ def test_unknown_keys_fail_with_the_valid_ones():
         load_config(ROOT / "configs/tests/din_tiny.yaml", ["train.max_steps"])
     with pytest.raises(ConfigError, match="id_policy"):
         load_config(ROOT / "configs/tests/din_tiny.yaml", ["data.id_policy=drop"])
+
+
+def test_errors_that_need_the_model_are_config_errors():
+    cfg, spec, _ = load_config(ROOT / "configs/tests/din_tiny.yaml", ["sharding.tables.t_itme.sharding_types=[row_wise]"])
+    with pytest.raises(ConfigError, match=r"sharding: .*t_itme.*t_item_id"):
+        validate_experiment(cfg, spec)
+    cfg, spec, _ = load_config(ROOT / "configs/tests/din_tiny.yaml", ["model.history_features=[hist_item_id,user_id]"])
+    with pytest.raises(ConfigError, match=r"model \(din\) does not fit data.schema"):
+        validate_experiment(cfg, spec)
+    with pytest.raises(ConfigError, match=r"data.schema: .*more than once"):
+        load_config(ROOT / "configs/tests/din_tiny.yaml", ["data.schema.labels=[label,user_id]"])
 
 
 def test_overrides_and_swapping_the_model_file(tmp_path):

@@ -2,7 +2,7 @@
 
 from models.avgpool.model import AvgPoolConfig, AvgPoolLastN
 from models.base import build_ctr_train_module
-from models.common import item_and_user_constraints
+from models.common import history_caps, item_and_user_constraints
 from models.registry import ModelSpec, register
 
 SPEC = register(
@@ -14,6 +14,7 @@ SPEC = register(
         default_constraints=lambda cfg, schema: item_and_user_constraints(
             schema, cfg.user_feature, cfg.target_features
         ),
+        sequence_caps=lambda cfg, schema: history_caps(schema, cfg.history_features, cfg.history_length),
     )
 )
 

@@ -271,6 +271,13 @@ def with_column(t: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.
     return t.set_column(t.schema.get_field_index(name), name, pa.array(values, type_))
 
 
+def with_history(t: pa.Table, hist: list) -> pa.Table:
+    """Replaces hist_item_id, and hist_time_delta with lists of the same lengths (one aligned group)."""
+    deltas = [[100.0 * (len(h) - k) for k in range(len(h))] for h in hist]
+    t = with_column(t, "hist_item_id", hist, pa.list_(pa.int64()))
+    return with_column(t, "hist_time_delta", deltas, pa.list_(pa.float32()))
+
+
 def test_out_of_range_id_names_file_row_group_row_column(write_parquet: Callable[..., str]) -> None:
     t = small_table(10)
     items = t["item_id"].to_pylist()
@@ -286,7 +293,7 @@ def test_out_of_range_id_names_file_row_group_row_column(write_parquet: Callable
 
 def test_out_of_range_sequence_id_names_list_position(write_parquet: Callable[..., str]) -> None:
     t = small_table(4)
-    path = write_parquet(with_column(t, "hist_item_id", [[], [1], [2, -1], []], pa.list_(pa.int64())), "seq.parquet")
+    path = write_parquet(with_history(t, [[], [1], [2, -1], []]), "seq.parquet")
     with pytest.raises(DataError, match=r"seq\.parquet: row group 0, row 2 .* column 'hist_item_id': id -1 \(list position 1\)"):
         next(iter(train_loader(make_cfg([path], shuffle=False, batch_size=2), 0, 1)))
 
@@ -294,7 +301,7 @@ def test_out_of_range_sequence_id_names_list_position(write_parquet: Callable[..
 def fix_table() -> pa.Table:
     t = small_table(3)
     t = with_column(t, "item_id", [21, 5, -3], pa.int64())
-    return with_column(t, "hist_item_id", [[-1, 23, 4], [40], []], pa.list_(pa.int64()))
+    return with_history(t, [[-1, 23, 4], [40], []])
 
 
 @pytest.mark.parametrize(
@@ -320,7 +327,7 @@ def test_null_id(write_parquet: Callable[..., str]) -> None:
     path = write_parquet(with_column(small_table(5), "user_id", [1, 2, 3, None, 5], pa.int64()), "nulls.parquet")
     with pytest.raises(DataError, match=r"nulls\.parquet: row group 0, row 3 .* column 'user_id': null value"):
         next(iter(eval_loader(make_cfg([path]), 0, 1)))
-    path = write_parquet(with_column(small_table(3), "hist_item_id", [[1], [2, None], []], pa.list_(pa.int64())), "n2.parquet")
+    path = write_parquet(with_history(small_table(3), [[1], [2, None], []]), "n2.parquet")
     with pytest.raises(DataError, match=r"n2\.parquet: row group 0, row 1 .* column 'hist_item_id': null element at position 1"):
         next(iter(eval_loader(make_cfg([path]), 0, 1)))
 

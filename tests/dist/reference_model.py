@@ -123,6 +123,9 @@ def make_reference_batch(rank: int, world_size: int, seed: int = 0) -> Batch:
         ),
         float_features=floats[rows.start : rows.stop],
         labels=labels[rows.start : rows.stop],
+        sequence_labels=KeyedJaggedTensor(
+            keys=[], values=torch.empty(0), lengths=torch.empty(0, dtype=torch.int64), stride=b
+        ),
         group_ids=users[rows.start : rows.stop],
         weights=torch.ones(b),
         valid=torch.ones(b, dtype=torch.bool),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from pyarrow import array as pq_array
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from datasets.synthetic import SyntheticParams, generate
@@ -36,15 +38,25 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _data_overrides(data: Path) -> list[str]:
     return [f"data.train_paths=[{data}/train/*.parquet]", f"data.eval_paths=[{data}/eval/*.parquet]"]
 
 
-def _torchrun(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def _torchrun_proc(config: str, run_dir: Path, overrides: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "launch.train", "--config", config, f"run_dir={run_dir}", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _torchrun(config: str, run_dir: Path, overrides: list[str]) -> dict:
+    proc = _torchrun_proc(config, run_dir, overrides)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     last = [line for line in proc.stdout.splitlines() if line.strip()][-1]
     return json.loads(last)
@@ -87,11 +99,53 @@ def test_stopped_and_resumed_run_matches_uninterrupted(tiny_data, tmp_path):
     assert first["auc"] != full["auc"]  # the comparison is not vacuous
 
 
+def test_mid_run_evaluation_does_not_change_training(tiny_data, tmp_path):
+    """Evaluating every 5 steps (which rebuilds the pipeline) ends exactly where a run without it ends."""
+    common = _data_overrides(tiny_data) + ["train.checkpoint_every=0", "model.dropout=0.1"]
+    plain = _torchrun("configs/tests/din_tiny.yaml", tmp_path / "plain", common)
+    evald = _torchrun("configs/tests/din_tiny.yaml", tmp_path / "evald", common + ["train.eval_every=5"])
+    for key in ("auc", "gauc", "logloss", "final_train_loss"):
+        assert abs(plain[key] - evald[key]) < 1e-6, (key, plain[key], evald[key])
+    acc = EventAccumulator(str(tmp_path / "evald" / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/auc")] == [5, 10, 15, 20]
+
+
+def test_bad_row_fails_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    """An out-of-range id met mid-run stops it with the file / row group / row / column; the checkpoint
+    written before stays the latest and a run on good data resumes from it."""
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    common = _data_overrides(tiny_data) + ["train.checkpoint_every=5", "train.checkpoint_at_end=false"]
+    first = _torchrun("configs/tests/din_tiny.yaml", run_dir, common + ["train.max_steps=5", "train.checkpoint_at_end=true"])
+    assert first["steps"] == 5
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    table = pq.read_table(next((tiny_data / "train").glob("*.parquet")))
+    ids = table.column("item_id").to_pylist()
+    ids[700] = 10**6  # the table has 1001 rows
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pq_array(ids))
+    bad_file = bad_dir / "bad.parquet"
+    pq.write_table(table, bad_file, row_group_size=512)
+    # One epoch of the bad file is 2048 rows = 16 steps of 2 x 64: the bad row is met before step 5 + 16.
+    proc = _torchrun_proc("configs/tests/din_tiny.yaml", run_dir, [
+        f"data.train_paths=[{bad_file}]", f"data.eval_paths=[{tiny_data}/eval/*.parquet]",
+        "train.max_steps=40", "train.checkpoint_every=1000",
+    ])
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert str(bad_file) in err and "row group 1" in err and "row 700" in err and "item_id" in err, err[-4000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"
+    resumed = _torchrun("configs/tests/din_tiny.yaml", run_dir, common + ["train.max_steps=8"])
+    assert resumed["steps"] == 8 and resumed["steps_this_run"] == 3
+
+
 def test_torchx_two_nodes_on_one_host(tiny_data, tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
     run_dir = tmp_path / "torchx"
     cmd = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "launch/components.py:train",
-           "-j", "2x1", "--config", "configs/tests/avgpool_tiny.yaml", f"run_dir={run_dir}", "train.max_steps=6",
+           "-j", "2x1", "--rdzv_port", str(_free_port()), "--config", "configs/tests/avgpool_tiny.yaml", f"run_dir={run_dir}", "train.max_steps=6",
            *_data_overrides(tiny_data)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -72,6 +72,9 @@ def make_batch(
         ),
         float_features=torch.empty(b, 0),
         labels=labels.float(),
+        sequence_labels=KeyedJaggedTensor(
+            keys=[], values=torch.empty(0), lengths=torch.empty(0, dtype=torch.long), stride=b
+        ),
         group_ids=torch.tensor(scalars.get(schema.group_column, [0] * b), dtype=torch.long),
         weights=weights.float(),
         valid=weights > 0,
