@@ -140,6 +140,16 @@ def test_bad_row_fails_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     resumed = _torchrun("configs/tests/din_tiny.yaml", run_dir, common + ["train.max_steps=8"])
     assert resumed["steps"] == 8 and resumed["steps_this_run"] == 3
 
+    # The clip policy trains through it and counts each trained occurrence exactly once: one epoch of the bad
+    # file is 16 steps (the pipeline's prefetch into the next epoch is not counted), the count survives a resume.
+    clip_dir = tmp_path / "clip"
+    clip = [f"data.train_paths=[{bad_file}]", f"data.eval_paths=[{tiny_data}/eval/*.parquet]", "data.id_policy=clip"]
+    m16 = _torchrun("configs/tests/din_tiny.yaml", clip_dir, clip + ["train.max_steps=16"])
+    assert m16["id_fixes"]["item_id"] == 1 and sum(m16["id_fixes"].values()) == 1
+    assert m16["id_fixes_eval"]["item_id"] == 0
+    m32 = _torchrun("configs/tests/din_tiny.yaml", clip_dir, clip + ["train.max_steps=32"])
+    assert m32["steps_this_run"] == 16 and m32["id_fixes"]["item_id"] == 2
+
 
 def test_torchx_two_nodes_on_one_host(tiny_data, tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
