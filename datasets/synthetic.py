@@ -265,8 +265,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _calibrate_bias(world: _World, p: SyntheticParams) -> float:
-    """Bias making the mean click probability of a pilot sample equal ``target_positive_rate``."""
-    logit = _draw(world, p, 4096, np.random.default_rng([p.seed, _SPLIT_SEED["pilot"]]))["logit"]
+    """Bias making the mean click probability of a pilot sample equal ``target_positive_rate``.
+
+    The pilot holds about 4M behaviours at most (4096 rows of short histories, down to 256 rows of 10^5-long
+    ones), so that calibration's memory stays bounded like a row group's.
+    """
+    mean_len = min(p.max_seq_len, p.length_median * math.exp(p.length_sigma**2 / 2))
+    pilot_rows = int(np.clip(4_000_000 // max(mean_len, 1.0), 256, 4096))
+    logit = _draw(world, p, pilot_rows, np.random.default_rng([p.seed, _SPLIT_SEED["pilot"]]))["logit"]
     lo, hi = -30.0, 30.0
     for _ in range(60):
         mid = (lo + hi) / 2
