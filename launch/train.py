@@ -3,6 +3,9 @@
 Run directly (one process) or under torchrun / TorchX (``launch/components.py``), which set RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Rank 0 prints the metrics as one JSON object on the
 last line of standard output and writes it to ``<run_dir>/metrics.json``.
+
+Exit status: 0 done; 2 config error (before any process group exists); 3 bad input data (the message names
+file, row group, row and column; the newest complete checkpoint is untouched).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 
 import torch.distributed as dist
 
+from datasets.schema import DataError
 from launch.config import ConfigError, load_config, validate_experiment
 from launch.trainer import DistEnv, run
 
@@ -55,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     try:
         metrics = run(cfg, spec, resolved, env)
+    except DataError as e:
+        # Bad input: one clear message (file, row group, row, column); the last complete checkpoint stays.
+        print(f"[rank {env.rank}] data error: {e}", file=sys.stderr, flush=True)
+        return 3
     finally:
         dist.destroy_process_group()
     if env.rank == 0:
