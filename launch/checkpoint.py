@@ -43,12 +43,15 @@ class CheckpointMeta:
         samples_seen: global samples trained on.
         id_fixes: ids rewritten by the reader's hash / clip policy in the trained batches, summed over ranks,
             per id feature in schema order.
+        data_position: what the step count means: the settings the training stream is a function of
+            (batch size, seed, files, workers, truncation, ...). Resuming under different ones is refused.
     """
 
     step: int
     world_size: int
     samples_seen: int
     id_fixes: Optional[list[int]] = None
+    data_position: Optional[dict[str, Any]] = None
 
 
 def _barrier() -> None:
@@ -108,8 +111,8 @@ def save(ckpt_dir: Path, step: int, state: dict[str, Any], meta: CheckpointMeta,
         (tmp / "meta.json").write_text(json.dumps(meta.__dict__))
         os.replace(tmp, final)
         _write_latest(ckpt_dir, name)
-        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
-        for old in done[: max(0, len(done) - max(1, keep))]:
+        done = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and p != final)
+        for old in done[: max(0, len(done) - max(0, keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
@@ -139,18 +142,38 @@ def read_meta(path: Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((path / "meta.json").read_text()))
 
 
-def load(path: Path, state: dict[str, Any]) -> CheckpointMeta:
+def check_compatible(
+    path: Path, meta: CheckpointMeta, world_size: int, data_position: Optional[dict[str, Any]]
+) -> None:
+    """Raises RuntimeError when the checkpoint was written by another world size or on another data stream."""
+    if meta.world_size != world_size:
+        raise RuntimeError(
+            f"{path} was written by {meta.world_size} ranks, this run has {world_size}: the data position and the"
+            " per-rank RNG state cannot be carried over; start a new run_dir (or resume with the same world size)"
+        )
+    saved = meta.data_position
+    if data_position is None:
+        return
+    if saved is None or saved == data_position:
+        return
+    diff = sorted(k for k in set(data_position) | set(saved) if data_position.get(k) != saved.get(k))
+    details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {data_position.get(k)!r}" for k in diff)
+    raise RuntimeError(
+        f"{path} was trained on a different data stream ({details}): resuming would replay the wrong batches;"
+        " start a new run_dir or restore those settings"
+    )
+
+
+def load(path: Path, state: dict[str, Any], data_position: Optional[dict[str, Any]] = None) -> CheckpointMeta:
     """Loads a checkpoint in place into ``state`` (the same structure ``save`` got); restores this rank's RNG.
+
+    Refuses (RuntimeError) a checkpoint written by another world size or, when ``data_position`` is given,
+    on another data stream.
 
     The caller then passes ``state["model"]`` / ``state["optim"]`` to ``load_state_dict``.
     """
     meta = read_meta(path)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta.world_size != world:
-        raise RuntimeError(
-            f"{path} was written by {meta.world_size} ranks, this run has {world}: the data position and the"
-            " per-rank RNG state cannot be carried over; start a new run_dir (or resume with the same world size)"
-        )
+    check_compatible(path, meta, dist.get_world_size() if dist.is_initialized() else 1, data_position)
     dcp.load(state, checkpoint_id=str(path))
     set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
     return meta

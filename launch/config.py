@@ -40,6 +40,11 @@ class DenseOptimizer(enum.Enum):
     adam = "adam"
 
 
+class Device(enum.Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @dataclass
 class OptimConfig:
     """Optimizers: a fused sparse optimizer applied in backward to every embedding table, a dense one for the rest.
@@ -72,7 +77,8 @@ class TrainConfig:
         resume: continue from the newest complete checkpoint in ``<run_dir>/checkpoints`` when there is one.
         log_every: TensorBoard scalars every this many steps.
         seed: seeds dense initialisation and dropout; the data order has its own seed (``data.seed``).
-        device: ``cpu`` or ``cuda`` (each rank takes ``cuda:<LOCAL_RANK>``); the backend follows (gloo / nccl).
+        device: ``cpu`` or ``cuda`` (each rank takes ``cuda:<LOCAL_RANK>``); the backend follows (gloo, or
+            nccl with gloo for CPU tensors).
         progress_bar: tqdm bar on rank 0.
     """
 
@@ -84,7 +90,7 @@ class TrainConfig:
     resume: bool = True
     log_every: int = 10
     seed: int = 0
-    device: str = "cpu"
+    device: Device = Device.cpu
     progress_bar: bool = True
 
 
@@ -159,6 +165,8 @@ def _strict_merge(schema: DictConfig, *others: DictConfig) -> DictConfig:
         ) from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"invalid config value at '{getattr(e, 'full_key', '?')}': {e.msg if hasattr(e, 'msg') else e}") from None
+    except (TypeError, ValueError) as e:  # e.g. a list where the schema has a mapping
+        raise ConfigError(f"config does not fit the schema: {e}") from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[ExperimentConfig, ModelSpec, DictConfig]:
@@ -177,7 +185,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
     if bad:
         raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
     if overrides:
-        user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        try:
+            user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
+        except Exception as e:  # YAML parse errors of values, incompatible containers
+            raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
     name = OmegaConf.select(user, "model.name")
     if name is None:
         raise ConfigError(f"{path}: missing model.name (pick a zoo entry, e.g. include configs/models/din.yaml)")
@@ -221,13 +232,25 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     except ValueError as e:
         raise ConfigError(f"sharding: {e}") from None
     groups = schema.sequence_groups()
-    caps = spec.sequence_caps(cfg.model, schema)
+    try:
+        caps = spec.sequence_caps(cfg.model, schema)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model ({spec.name}) does not fit data.schema: {e}") from None
     unknown = sorted(set(caps) - set(groups))
     if unknown:
         raise ConfigError(f"model ({spec.name}) caps sequence groups {unknown}; data.schema has {sorted(groups)}")
-    for name, value in (("train.max_steps", cfg.train.max_steps), ("data.batch_size", cfg.data.batch_size)):
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
+    t, d = cfg.train, cfg.data
+    checks = [
+        ("train.max_steps", t.max_steps, 1), ("train.log_every", t.log_every, 1),
+        ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.eval_every", t.eval_every, 0),
+        ("train.checkpoint_every", t.checkpoint_every, 0), ("data.batch_size", d.batch_size, 1),
+        ("data.num_workers", d.num_workers, 0), ("data.max_sequence_length", d.max_sequence_length, 0),
+    ]
+    for name, value, low in checks:
+        if value < low:
+            raise ConfigError(f"{name} must be >= {low}, got {value}")
+    if not d.train_paths or not d.eval_paths:
+        raise ConfigError("data.train_paths and data.eval_paths must each name at least one file or pattern")
 
 
 def dump_config(resolved: DictConfig) -> str:

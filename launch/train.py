@@ -20,7 +20,7 @@ import sys
 import torch.distributed as dist
 
 from datasets.schema import DataError
-from launch.config import ConfigError, load_config, validate_experiment
+from launch.config import ConfigError, Device, load_config, validate_experiment
 from launch.trainer import DistEnv, run
 
 
@@ -53,16 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = _env()
     # On GPUs, CPU tensors (evaluation step agreement, timings) still need a backend: gloo beside nccl.
-    backend = "cpu:gloo,cuda:nccl" if cfg.train.device == "cuda" else "gloo"
+    backend = "cpu:gloo,cuda:nccl" if cfg.train.device == Device.cuda else "gloo"
     if "MASTER_ADDR" not in os.environ:  # plain single-process run
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     try:
         metrics = run(cfg, spec, resolved, env)
     except DataError as e:
-        # Bad input: one clear message (file, row group, row, column); the last complete checkpoint stays.
-        print(f"[rank {env.rank}] data error: {e}", file=sys.stderr, flush=True)
+        # Bad input: one clear message (file, row group, row, column); the last complete checkpoint stays. From a
+        # loader worker the message carries the worker's traceback first: keep the DataError's own text.
+        msg = str(e)
+        if "Original Traceback" in msg:
+            msg = msg.rsplit("DataError: ", 1)[-1].strip()
+        print(f"[rank {env.rank}] data error: {msg}", file=sys.stderr, flush=True)
         return 3
+    except ConfigError as e:  # found once the run directory is known (checkpoints from another run)
+        print(f"[rank {env.rank}] config error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         dist.destroy_process_group()
     if env.rank == 0:

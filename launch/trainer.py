@@ -6,6 +6,7 @@ Only this package reads the process environment; :func:`run` gets everything els
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -28,9 +29,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from datasets.batch import Batch
-from datasets.reader import eval_loader, train_loader
+from datasets.reader import eval_loader, expand_paths, train_loader
 from launch import checkpoint, sharding
-from launch.config import DenseOptimizer, ExperimentConfig, OptimConfig, SparseOptimizer, dump_config
+from launch.config import ConfigError, DenseOptimizer, Device, ExperimentConfig, OptimConfig, SparseOptimizer, dump_config
 from launch.metrics import ctr_metrics, gather_rows
 from models.registry import ModelSpec
 
@@ -45,15 +46,13 @@ class DistEnv:
     local_world_size: int
 
 
-def device_for(cfg_device: str, env: DistEnv) -> torch.device:
-    if cfg_device == "cpu":
+def device_for(cfg_device: Device, env: DistEnv) -> torch.device:
+    if cfg_device == Device.cpu:
         return torch.device("cpu")
-    if cfg_device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    raise ValueError(f"train.device must be 'cpu' or 'cuda', got {cfg_device!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+    torch.cuda.set_device(env.local_rank)
+    return torch.device("cuda", env.local_rank)
 
 
 def apply_sparse_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
@@ -163,6 +162,21 @@ def evaluate(
     return ctr_metrics(all_logits, all_labels, all_groups, list(cfg.data.schema.labels)), fixes
 
 
+def data_position(cfg: ExperimentConfig, caps: Mapping[str, int]) -> dict[str, Any]:
+    """The settings the training stream is a function of (besides rank and world size): a step count means the
+    same batches only under the same ones."""
+    d = cfg.data
+    return {
+        "train_files": expand_paths(d.train_paths),
+        "batch_size": d.batch_size,
+        "seed": d.seed,
+        "shuffle": d.shuffle,
+        "num_workers": d.num_workers,
+        "max_sequence_length": d.max_sequence_length,
+        "sequence_caps": dict(sorted(caps.items())),
+    }
+
+
 def _sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     t = t.to(device)
     if dist.is_initialized():
@@ -194,11 +208,29 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
     device = device_for(cfg.train.device, env)
     run_dir = Path(cfg.run_dir)
     is_main = env.rank == 0
+    schema = cfg.data.schema
+    caps = dict(spec.sequence_caps(cfg.model, schema))
+    position = data_position(cfg, caps)
+    ckpt_dir = run_dir / "checkpoints"
+    found = checkpoint.latest(ckpt_dir)
+    if found is not None and not cfg.train.resume:
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest: {found.name}) and train.resume=false: use a new run_dir"
+            " (or delete its checkpoints) rather than mixing two runs' checkpoints"
+        )
+    step = 0
+    if found is not None:
+        meta = checkpoint.read_meta(found)
+        try:  # before anything is written
+            checkpoint.check_compatible(found, meta, env.world_size, position)
+        except RuntimeError as e:
+            raise ConfigError(str(e)) from None
+        step = meta.step
+    # Open every evaluation file now (footers and columns only), not after all of training.
+    eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(resolved))
-    schema = cfg.data.schema
-    caps = dict(spec.sequence_caps(cfg.model, schema))
     torch.manual_seed(cfg.train.seed)
 
     model = spec.build(cfg.model, schema, torch.device("meta"))
@@ -216,21 +248,14 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
     optimizer, dense_optimizer = build_optimizer(dmp, cfg.optim)
 
     n_id = len(schema.id_features)
-    ckpt_dir = run_dir / "checkpoints"
-    found = checkpoint.latest(ckpt_dir) if cfg.train.resume else None
-    step = 0
     train_fixes = torch.zeros(n_id, dtype=torch.long)  # this rank's, over trained batches
-    if found is not None:
-        step = checkpoint.read_meta(found).step
-    # Create the data iterator before seeding: nothing that creates a loader may shift the dropout stream.
-    stream = _CountingIterator(iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps)))
     if found is not None:
         # Dense optimizer state is created lazily at the first step: create it (a zero-gradient step) so that
         # the checkpoint's state can be loaded into it in place; the load then overwrites it and the weights.
         dense_optimizer.init_state()
         dense_optimizer.zero_grad(set_to_none=True)
         state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-        meta = checkpoint.load(found, state)  # also restores this rank's RNG state
+        meta = checkpoint.load(found, state, position)  # also restores this rank's RNG state
         dmp.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optim"])
         if is_main:  # the checkpoint holds the sum over ranks: carry it on rank 0 only
@@ -246,7 +271,8 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
     def save_checkpoint(at: int) -> None:
         state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
         fixes = _sum_ranks(train_fixes.clone(), device)
-        meta = checkpoint.CheckpointMeta(at, env.world_size, at * cfg.data.batch_size * env.world_size, fixes.tolist())
+        gbs = cfg.data.batch_size * env.world_size
+        meta = checkpoint.CheckpointMeta(at, env.world_size, at * gbs, fixes.tolist(), position)
         checkpoint.save(ckpt_dir, at, state, meta, cfg.train.keep_checkpoints)
 
     def log_eval(m: dict[str, float], at: int) -> None:
@@ -254,49 +280,51 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
             for k in ("auc", "gauc", "logloss"):
                 writer.add_scalar(f"eval/{k}", m[k], at)
 
-    pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False)
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.train.progress_bar), desc="train")
     train_time = 0.0
     steps_run = 0
     losses: list[float] = []
-    template = stream.last
+    template: Optional[Batch] = None
     dmp.train()
     while step < cfg.train.max_steps:
-        t0 = time.perf_counter()
-        loss, _, _ = pipeline.progress(stream)
-        loss_value = float(loss)
-        train_time += time.perf_counter() - t0
-        train_fixes += stream.count_next()
-        step += 1
-        steps_run += 1
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}")
-        losses.append(loss_value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
-            writer.add_scalar("train/loss", loss_value, step)
-            samples_per_s = cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9)
-            writer.add_scalar("train/samples_per_s", samples_per_s, step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            # torchrec's pipeline cannot be re-attached over batches whose input distribution already ran, so
-            # the pipeline and its stream are rebuilt from the step count (the stream is a pure function of it).
-            pipeline.detach()
-            template = stream.last
+        # One segment runs up to the next evaluation (or the end). Its stream holds exactly the segment's
+        # batches, so the pipeline, which reads two batches ahead, never reads (or fails on) a batch it will not
+        # train on; after an evaluation the pipeline and stream are rebuilt from the step count, which is exact
+        # because the stream is a pure function of it (torchrec's pipeline cannot be re-attached over batches
+        # whose input distribution already ran).
+        every = cfg.train.eval_every
+        end = min(cfg.train.max_steps, (step // every + 1) * every) if every else cfg.train.max_steps
+        loader = train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps)
+        stream = _CountingIterator(itertools.islice(iter(loader), end - step))
+        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
+        while step < end:
+            t0 = time.perf_counter()
+            loss, _, _ = pipeline.progress(stream)
+            loss_value = float(loss)
+            train_time += time.perf_counter() - t0
+            train_fixes += stream.count_next()
+            step += 1
+            steps_run += 1
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}")
+            losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                writer.add_scalar("train/loss", loss_value, step)
+                samples_per_s = cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9)
+                writer.add_scalar("train/samples_per_s", samples_per_s, step)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
+                save_checkpoint(step)
+        pipeline.detach()
+        template = stream.last or template
+        if step < cfg.train.max_steps:  # a mid-run evaluation
             m, _ = evaluate(dmp, cfg, env, device, template, caps)
             log_eval(m, step)
             dmp.train()
-            stream = _CountingIterator(
-                iter(train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps))
-            )
-            pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False)
-        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-            save_checkpoint(step)
     bar.close()
-    pipeline.detach()
     if cfg.train.checkpoint_at_end and steps_run > 0:
         save_checkpoint(step)
-    template = stream.last or template
     if template is None:  # resumed at max_steps: fetch one batch as the shape template for padding
         template = next(iter(train_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)))
     eval_metrics, eval_fixes = evaluate(dmp, cfg, env, device, template, caps)
@@ -316,7 +344,7 @@ def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistE
         "steps_this_run": steps_run,
         "world_size": env.world_size,
         "final_train_loss": losses[-1] if losses else float("nan"),
-        "first_train_loss": losses[0] if losses else float("nan"),
+        "first_train_loss_this_run": losses[0] if losses else float("nan"),
         "eval": eval_metrics,
         "id_policy": cfg.data.id_policy.value,
         # ids the reader rewrote (hash / clip policies) in trained batches over the whole run, and in evaluation

@@ -104,6 +104,20 @@ def item_and_user_constraints(
     }
 
 
+def require_sample_labels(schema: SchemaConfig, model: str) -> int:
+    """The number of tasks T of a per-sample CTR model: the schema's ``labels`` (at least one).
+
+    Raises:
+        ValueError: the schema has only per-element ``sequence_labels`` (request-level data).
+    """
+    if not schema.labels:
+        raise ValueError(
+            f"{model} predicts per-sample labels, the schema has none (only sequence_labels "
+            f"{[f.name for f in schema.sequence_labels]}); set data.schema.labels"
+        )
+    return len(schema.labels)
+
+
 def history_caps(schema: SchemaConfig, history_features: Sequence[str], history_length: int) -> Mapping[str, int]:
     """Sequence caps of a model that reads the last ``history_length`` behaviours of ``history_features``.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,35 @@ def test_errors_that_need_the_model_are_config_errors():
         validate_experiment(cfg, spec)
     with pytest.raises(ConfigError, match=r"data.schema: .*more than once"):
         load_config(ROOT / "configs/tests/din_tiny.yaml", ["data.schema.labels=[label,user_id]"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.log_every=0", "train.log_every must be >= 1"),
+        ("train.eval_every=-1", "train.eval_every must be >= 0"),
+        ("data.num_workers=-1", "data.num_workers must be >= 0"),
+        ("data.train_paths=[]", "data.train_paths and data.eval_paths"),
+    ],
+)
+def test_range_checks_are_config_errors(override, message):
+    cfg, spec, _ = load_config(ROOT / "configs/tests/din_tiny.yaml", [override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_experiment(cfg, spec)
+
+
+def test_malformed_overrides_are_config_errors():
+    with pytest.raises(ConfigError, match="train.device"):
+        load_config(ROOT / "configs/tests/din_tiny.yaml", ["train.device=gpu"])
+    with pytest.raises(ConfigError, match="bad override"):
+        load_config(ROOT / "configs/tests/din_tiny.yaml", ["data.schema.labels=[label"])
+    with pytest.raises(ConfigError):
+        load_config(ROOT / "configs/tests/din_tiny.yaml", ["data.schema.id_features.4.group=other"])
+    cfg, spec, _ = load_config(
+        ROOT / "configs/tests/din_tiny.yaml", ["data.schema.labels=[]", "data.schema.sequence_labels=[{name: hist_lab, sequence: true}]"]
+    )
+    with pytest.raises(ConfigError, match="predicts per-sample labels"):
+        validate_experiment(cfg, spec)
 
 
 def test_overrides_and_swapping_the_model_file(tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
-from models.common import UserTargetHistoryEmbedding
+from models.common import UserTargetHistoryEmbedding, require_sample_labels
 from modules.mlp import MLP, Activation
 from modules.sequence import masked_mean
 from modules.target_attention import TargetAttention
@@ -75,7 +75,7 @@ class DIN(nn.Module):
         )
         width = (d if cfg.user_feature is not None else 0) + 3 * item
         self.mlp = MLP(
-            width, cfg.mlp_hidden, out_features=len(schema.labels), activation=cfg.activation,
+            width, cfg.mlp_hidden, out_features=require_sample_labels(schema, "din"), activation=cfg.activation,
             dropout=cfg.dropout, device=device,
         )
 

@@ -112,14 +112,11 @@ def test_mid_run_evaluation_does_not_change_training(tiny_data, tmp_path):
 
 
 def test_bad_row_fails_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
-    """An out-of-range id met mid-run stops it with the file / row group / row / column; the checkpoint
-    written before stays the latest and a run on good data resumes from it."""
+    """An out-of-range id met mid-run stops it with the file / row group / row / column (exit 3); the
+    checkpoint written before stays the latest and resuming from it works. A run that stops before the bad
+    batch never reads it (the pipeline reads ahead only within the steps it will train)."""
     import pyarrow.parquet as pq
 
-    run_dir = tmp_path / "run"
-    common = _data_overrides(tiny_data) + ["train.checkpoint_every=5", "train.checkpoint_at_end=false"]
-    first = _torchrun("configs/tests/din_tiny.yaml", run_dir, common + ["train.max_steps=5", "train.checkpoint_at_end=true"])
-    assert first["steps"] == 5
     bad_dir = tmp_path / "bad"
     bad_dir.mkdir()
     table = pq.read_table(next((tiny_data / "train").glob("*.parquet")))
@@ -128,17 +125,24 @@ def test_bad_row_fails_the_run_and_keeps_the_last_checkpoint(tiny_data, tmp_path
     table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pq_array(ids))
     bad_file = bad_dir / "bad.parquet"
     pq.write_table(table, bad_file, row_group_size=512)
+    run_dir = tmp_path / "run"
+    bad = [f"data.train_paths=[{bad_file}]", f"data.eval_paths=[{tiny_data}/eval/*.parquet]"]
+    first = _torchrun("configs/tests/din_tiny.yaml", run_dir, bad + ["train.max_steps=5"])
+    assert first["steps"] == 5
     # One epoch of the bad file is 2048 rows = 16 steps of 2 x 64: the bad row is met before step 5 + 16.
-    proc = _torchrun_proc("configs/tests/din_tiny.yaml", run_dir, [
-        f"data.train_paths=[{bad_file}]", f"data.eval_paths=[{tiny_data}/eval/*.parquet]",
-        "train.max_steps=40", "train.checkpoint_every=1000",
-    ])
+    proc = _torchrun_proc("configs/tests/din_tiny.yaml", run_dir, bad + ["train.max_steps=40", "train.checkpoint_every=1000"])
     assert proc.returncode != 0
     err = proc.stderr
-    assert str(bad_file) in err and "row group 1" in err and "row 700" in err and "item_id" in err, err[-4000:]
+    assert "data error:" in err and str(bad_file) in err and "row group 1" in err and "row 700" in err, err[-4000:]
+    assert "'item_id'" in err
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000005"
-    resumed = _torchrun("configs/tests/din_tiny.yaml", run_dir, common + ["train.max_steps=8"])
+    resumed = _torchrun("configs/tests/din_tiny.yaml", run_dir, bad + ["train.max_steps=8"])
     assert resumed["steps"] == 8 and resumed["steps_this_run"] == 3
+    # Resuming on another data stream, or starting over in a run_dir that has checkpoints, is refused.
+    proc = _torchrun_proc("configs/tests/din_tiny.yaml", run_dir, bad + ["train.max_steps=9", "data.batch_size=32"])
+    assert proc.returncode != 0 and "different data stream (batch_size: checkpoint 64, now 32)" in proc.stderr
+    proc = _torchrun_proc("configs/tests/din_tiny.yaml", run_dir, bad + ["train.resume=false"])
+    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr
 
     # The clip policy trains through it and counts each trained occurrence exactly once: one epoch of the bad
     # file is 16 steps (the pipeline's prefetch into the next epoch is not counted), the count survives a resume.

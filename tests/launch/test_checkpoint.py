@@ -69,3 +69,21 @@ def test_world_size_mismatch_is_refused(tmp_path, pg):
     (tmp_path / "step_00000001" / "meta.json").write_text('{"step": 1, "world_size": 2, "samples_seen": 8}')
     with pytest.raises(RuntimeError, match="written by 2 ranks"):
         checkpoint.load(checkpoint.latest(tmp_path), _state(0.0))
+
+
+def test_a_new_save_is_never_removed_by_cleanup(tmp_path, pg):
+    # An older step saved after newer ones (e.g. a second run in the same directory) stays the latest.
+    checkpoint.save(tmp_path, 20, _state(20.0), checkpoint.CheckpointMeta(20, 1, 160), keep=2)
+    checkpoint.save(tmp_path, 5, _state(5.0), checkpoint.CheckpointMeta(5, 1, 40), keep=1)
+    path = checkpoint.latest(tmp_path)
+    assert path is not None and path.name == "step_00000005" and path.is_dir()
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000005"]
+
+
+def test_resuming_on_another_data_stream_is_refused(tmp_path, pg):
+    position = {"batch_size": 64, "seed": 0, "train_files": ["a.parquet"]}
+    checkpoint.save(tmp_path, 4, _state(4.0), checkpoint.CheckpointMeta(4, 1, 256, None, position), keep=1)
+    path = checkpoint.latest(tmp_path)
+    assert checkpoint.load(path, _state(0.0), dict(position)).step == 4
+    with pytest.raises(RuntimeError, match=r"different data stream \(batch_size: checkpoint 64, now 32; seed"):
+        checkpoint.load(path, _state(0.0), dict(position, batch_size=32, seed=7))
