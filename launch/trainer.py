@@ -128,7 +128,7 @@ def evaluate(
     Returns:
         The metrics (identical on every rank) and this rank's id fixes over the evaluation set.
     """
-    counter = _CountingIterator(iter(eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)))
+    batches = iter(eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps))
     fixes = torch.zeros(len(cfg.data.schema.id_features), dtype=torch.long)
     logits, labels, groups = [], [], []
     was_training = dmp.training
@@ -136,7 +136,7 @@ def evaluate(
     last = template
     with torch.no_grad():
         while True:
-            b = next(counter, None)
+            b = next(batches, None)
             more = torch.tensor([0 if b is None else 1], dtype=torch.long)
             if dist.is_initialized():
                 dist.all_reduce(more, op=dist.ReduceOp.MAX)
@@ -145,7 +145,7 @@ def evaluate(
             if b is None:
                 b = _invalid_copy(last)
             else:
-                fixes += counter.count_next()
+                fixes += b.id_fixes.cpu()
             last = b
             b = b.to(device)
             _, (_, out_logits, out_labels) = dmp(b)
