@@ -49,6 +49,48 @@ class IdPolicy(enum.Enum):
     clip = "clip"  # id -> clamp(id, 0, num_embeddings - 1); counted
 
 
+def table_name(table: str, role: Optional[str] = None) -> str:
+    """The one name of an embedding table: ``t_<table>``, or ``t_<table>__<role>`` for a table with a role.
+
+    A role tells apart several tables of one feature in one model (DARE's ``attn`` / ``repr`` pair). Every
+    table name (model builders, sharding constraints and YAML keys, plans) comes from here;
+    :func:`parse_table_name` inverts it.
+
+    Args:
+        table: the schema's table (``IdFeature.table``, default the feature name), without the ``t_`` prefix.
+        role: None, or a non-empty name.
+
+    Raises:
+        ValueError: ``table`` is empty, contains ``__`` or ends with ``_``, or ``role`` is empty, contains
+            ``__`` or starts with ``_`` (the name would not parse back).
+    """
+    if not table or "__" in table or table.endswith("_"):
+        raise ValueError(f"table {table!r}: must be non-empty, without '__', not ending with '_'")
+    if role is None:
+        return "t_" + table
+    if not role or "__" in role or role.startswith("_"):
+        raise ValueError(f"role {role!r} of table {table!r}: must be non-empty, without '__', not starting with '_'")
+    return f"t_{table}__{role}"
+
+
+def parse_table_name(name: str) -> tuple[str, Optional[str]]:
+    """Inverts :func:`table_name`: ``"t_item_id__attn"`` -> ``("item_id", "attn")``, ``"t_user_id"`` ->
+    ``("user_id", None)``.
+
+    Raises:
+        ValueError: ``name`` is not a name that :func:`table_name` gives.
+    """
+    table, sep, role = name[2:].partition("__")
+    parsed = (table, role if sep else None)
+    try:
+        ok = name.startswith("t_") and table_name(*parsed) == name
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name!r} is not a table name: expected t_<table> or t_<table>__<role>")
+    return parsed
+
+
 @dataclass
 class IdFeature:
     """An integer id column looked up in an embedding table.
@@ -69,7 +111,8 @@ class IdFeature:
 
     @property
     def table_name(self) -> str:
-        return "t_" + (self.table or self.name)
+        """The table's name, ``t_<table or name>`` (see :func:`table_name`)."""
+        return table_name(self.table or self.name)
 
 
 @dataclass
