@@ -1,6 +1,7 @@
 """Feature plumbing shared by the target-attention CTR entries (DIN, the avg-pool baseline).
 
-Shapes: B batch, L history length kept, D embedding dim, I = D * (number of item features).
+Shapes: B batch, L history length kept, S behaviours in the batch (sum of the history lengths), D embedding
+dim, I = D * (number of item features).
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from datasets.schema import SchemaConfig
 from models.registry import TableConstraint
-from modules.embedding import build_embedding_collection
+from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
 from modules.sequence import last_n
 
 
@@ -66,7 +67,25 @@ class UserTargetHistoryEmbedding(nn.Module):
         self.history_features = list(history_features)
         self.history_length = history_length
         self.item_dim = dim * len(target_features)
-        self.ec = build_embedding_collection(schema, scalars + self.history_features, dim, device)
+        self.features = scalars + self.history_features
+        self.ec = build_embedding_collection(schema, self.features, dim, device)
+
+    def embed_jagged(self, features: KeyedJaggedTensor) -> tuple[Optional[torch.Tensor], torch.Tensor, JaggedTensor]:
+        """Embeds a batch, keeping the history jagged (for models that search the whole history).
+
+        Args:
+            features: ``Batch.sparse_features`` (extra keys are ignored).
+
+        Returns:
+            ``(user [B, D] or None, target [B, I], history)``: ``history`` has values ``[S, I]`` (every
+            behaviour the batch carries, oldest first per row, not only the last L: the reader's sequence cap
+            is the only truncation) and lengths ``[B]``.
+        """
+        e = lookup_jagged(self.ec, features, self.features)
+        user = e[self.user_feature].values() if self.user_feature is not None else None  # [B, D]
+        target = torch.cat([e[f].values() for f in self.target_features], dim=-1)  # [B, I]
+        history = concat_jagged([e[f] for f in self.history_features])  # values [S, I], lengths [B]
+        return user, target, history
 
     def forward(
         self, features: KeyedJaggedTensor
@@ -80,12 +99,8 @@ class UserTargetHistoryEmbedding(nn.Module):
             ``(user [B, D] or None, target [B, I], history [B, L, I], mask [B, L])``; the history holds the
             most recent behaviours, oldest first, left-aligned, zero on padding slots (``mask`` False).
         """
-        e = self.ec(features)
-        user = e[self.user_feature].values() if self.user_feature is not None else None  # [B, D]
-        target = torch.cat([e[f].values() for f in self.target_features], dim=-1)  # [B, I]
-        behaviours = torch.cat([e[f].values() for f in self.history_features], dim=-1)  # [S, I]
-        lengths = e[self.history_features[0]].lengths()  # [B]
-        history, mask = last_n(behaviours, lengths, self.history_length)  # [B, L, I], [B, L]
+        user, target, behaviours = self.embed_jagged(features)  # [B, D], [B, I], values [S, I]
+        history, mask = last_n(behaviours.values(), behaviours.lengths(), self.history_length)  # [B, L, I], [B, L]
         return user, target, history, mask
 
 
