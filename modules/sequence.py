@@ -67,3 +67,94 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     total = x.masked_fill(~mask.unsqueeze(-1), 0.0).sum(dim=1)  # [B, D]
     count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(x.dtype)  # [B, 1]
     return total / count
+
+
+def jagged_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """Start of every row in the flat values: ``[B]`` long, ``offsets[b] = sum(lengths[:b])``.
+
+    Row ``b``'s behaviour at position ``p`` (0 = oldest) is flat index ``offsets[b] + p``.
+    """
+    lengths = lengths.to(torch.long)
+    return torch.cumsum(lengths, dim=0) - lengths
+
+
+@torch.fx.wrap
+def _select_jagged(
+    values: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # A leaf under fx tracing: index arithmetic and one gather.
+    lengths = lengths.to(torch.long)
+    offsets = jagged_offsets(lengths).unsqueeze(1)  # [B, 1]
+    indices = indices.to(torch.long)
+    mask = valid & (indices >= offsets) & (indices < offsets + lengths.unsqueeze(1))  # [B, K]
+    # Row 0 is a constant zero row read by every padding slot, as in `_last_n`.
+    padded_values = torch.cat([values.new_zeros((1,) + values.shape[1:]), values], dim=0)  # [S + 1, ...]
+    index = torch.where(mask, indices + 1, torch.zeros_like(indices))  # [B, K]
+    return padded_values[index], mask  # [B, K, ...], [B, K]
+
+
+def select_jagged(
+    values: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gathers chosen behaviours of every jagged row into a padded tensor (e.g. the top-K of a search unit).
+
+    ``indices`` are flat indices into ``values``, as :func:`jagged_topk` returns them (from row positions:
+    ``jagged_offsets(lengths).unsqueeze(1) + positions``). A slot is kept when ``valid`` is True and its
+    index lies inside its own row ``b``, ``[offsets[b], offsets[b] + lengths[b])``; other slots are zero
+    and take no gradient. Vectorised and a leaf under ``torch.fx`` tracing.
+
+    Args:
+        values: ``[S, D]`` (or ``[S]``, or ``[S, ...]``) jagged values, rows concatenated, S = sum(lengths).
+        lengths: ``[B]`` integer row lengths.
+        indices: ``[B, K]`` integer flat indices into ``values`` (any value in invalid slots, e.g. -1).
+        valid: ``[B, K]`` bool, the slots to fill.
+
+    Returns:
+        ``(selected [B, K, D], mask [B, K])``: ``selected[b, j] = values[indices[b, j]]`` where ``mask``.
+    """
+    return _select_jagged(values, lengths, indices, valid)
+
+
+@torch.fx.wrap
+def _jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # A leaf under fx tracing: two stable sorts of the S scores, no padded [B, L_max] anything.
+    lengths = lengths.to(device=scores.device, dtype=torch.long)
+    b, s = lengths.numel(), scores.numel()
+    slots = torch.arange(k, device=scores.device)  # [K]
+    valid = slots.unsqueeze(0) < lengths.unsqueeze(1)  # [B, K]
+    if s == 0:
+        return torch.full((b, k), -1, dtype=torch.long, device=scores.device), valid
+    # 1) All scores, best first; on equal scores the larger flat index (the later behaviour of a row) first:
+    # sorting the reversed scores stably keeps later elements ahead among equals.
+    by_score = (s - 1) - torch.sort(scores.detach().flip(0), descending=True, stable=True).indices  # [S]
+    # 2) Stably by row: rows in order, and within a row the order of 1).
+    rows = torch.repeat_interleave(torch.arange(b, device=scores.device), lengths, output_size=s)  # [S]
+    order = by_score[torch.sort(rows[by_score], stable=True).indices]  # [S] flat indices, row-major
+    pick = (jagged_offsets(lengths).unsqueeze(1) + slots.unsqueeze(0)).clamp(max=s - 1)  # [B, K] into `order`
+    indices = torch.where(valid, order[pick], torch.full_like(pick, -1))  # [B, K]
+    return indices, valid
+
+
+def jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best-scored behaviours of every jagged row (the retrieval step of a search unit).
+
+    Slot ``j`` of row ``b`` holds the row's ``j``-th best behaviour: scores descending, and among equal
+    scores the more recent behaviour (later position in the row; the most recent is last) first. A row
+    with fewer than ``k`` behaviours fills its first ``len_b`` slots; the others are padding: ``valid``
+    False and index ``-1``. NaN scores rank above every number (``torch.sort``'s order).
+
+    Memory and time are those of two stable sorts of the S scores: no ``[B, L_max]`` padding is built, so
+    rows of 10^5 behaviours cost O(S). Indices only (no gradient flows through the selection); gather
+    the chosen behaviours with :func:`select_jagged`. A leaf under ``torch.fx`` tracing.
+
+    Args:
+        scores: ``[S]`` one score per behaviour, rows concatenated, S = sum(lengths).
+        lengths: ``[B]`` integer row lengths (0 allowed).
+        k: K, slots per row (a Python int > 0).
+
+    Returns:
+        ``(indices [B, K] long, flat indices into scores or -1; valid [B, K] bool)``.
+    """
+    if k <= 0:
+        raise ValueError(f"jagged_topk needs k > 0, got {k}")
+    return _jagged_topk(scores, lengths, k)
