@@ -24,6 +24,8 @@ class DataConfig:
         id_policy: what to do with ids outside their table: error (default), hash or clip.
         max_sequence_length: keep only the most recent this many behaviours of every sequence column
             (0 = keep all).
+        drop_last: exact epochs: drop the last partial global batch (rows not read that epoch, reported)
+            instead of padding it.
     """
 
     schema: SchemaConfig = field(default_factory=SchemaConfig)
@@ -35,3 +37,4 @@ class DataConfig:
     seed: int = 0
     id_policy: IdPolicy = IdPolicy.error
     max_sequence_length: int = 0
+    drop_last: bool = False
