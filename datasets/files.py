@@ -18,7 +18,16 @@ import pyarrow.parquet as pq
 
 from datasets.schema import DataError, SchemaConfig
 
-__all__ = ["FileMeta", "Unit", "count_rows", "expand_paths", "make_units", "open_files", "open_parquet"]
+__all__ = [
+    "FileMeta",
+    "Unit",
+    "count_rows",
+    "expand_paths",
+    "make_units",
+    "open_files",
+    "open_parquet",
+    "row_group_units",
+]
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
@@ -112,15 +121,18 @@ def open_files(paths: Sequence[str], schema: SchemaConfig) -> list[FileMeta]:
     return files
 
 
+def row_group_units(files: Sequence[FileMeta]) -> list[Unit]:
+    """One unit per non-empty row group, in file order."""
+    return [Unit(f, g, 0, n) for f, meta in enumerate(files) for g, n in enumerate(meta.row_group_rows) if n > 0]
+
+
 def make_units(files: Sequence[FileMeta], num_readers: int) -> list[Unit]:
     """One unit per non-empty row group, largest units halved until there are at least ``num_readers``.
 
     Raises:
         DataError: fewer rows than readers.
     """
-    units = [
-        Unit(f, g, 0, n) for f, meta in enumerate(files) for g, n in enumerate(meta.row_group_rows) if n > 0
-    ]
+    units = row_group_units(files)
     total = sum(u.num_rows for u in units)
     if total < num_readers:
         raise DataError(

@@ -3,9 +3,9 @@
 Modules
     :mod:`datasets.files` finds files, reads footers and makes units (row groups, or parts of them);
     :mod:`datasets.decode` validates and decodes a unit into :class:`datasets.rows.Rows`; this module
-    assigns units to readers and cuts rows into batches.
+    assigns units to readers and cuts rows into batches; :mod:`datasets.epochs` lays out exact epochs.
 
-Readers
+Readers (infinite training stream, evaluation)
     A rank with ``W = max(num_workers, 1)`` DataLoader workers has ``W`` readers; the global reader index is
     ``rank * W + worker``, out of ``R = world_size * W``. Reader ``r`` reads units ``r, r + R, r + 2R, ...``
     of the (per-epoch shuffled, for training) unit list, so readers' shares are disjoint and together
@@ -21,21 +21,31 @@ Ordering convention and truncation
     them.
 
 Training stream (:func:`train_loader`)
-    Infinite. Reader ``r`` walks epochs ``e = 0, 1, ...``; in epoch ``e`` the unit list is permuted with
-    ``np.random.default_rng([seed, e])`` and the rows of a unit with
-    ``np.random.default_rng([seed, e, file, row_group, start])`` (when ``shuffle``). Rows are concatenated
-    across units and epochs and cut into batches of exactly ``batch_size`` rows, so the stream is a pure
-    function of ``(seed, rank, world_size, num_workers, step)``. The DataLoader yields batch ``k`` of a rank
-    from worker ``k % W``; resuming at ``start_step = s`` rotates the workers' roles by ``s`` and lets each
-    skip its already consumed batches using row-group metadata only (the one unit a resume point falls
-    inside is read; skipped units are not).
+    Infinite with ``epochs=None`` (the default). Reader ``r`` walks epochs ``e = 0, 1, ...``; in epoch ``e``
+    the unit list is permuted with ``np.random.default_rng([seed, e])`` and the rows of a unit
+    with ``np.random.default_rng([seed, e, file, row_group, start])`` (when ``shuffle``). Rows are
+    concatenated across units and epochs and cut into batches of exactly ``batch_size`` rows, so the stream
+    is a pure function of ``(seed, rank, world_size, num_workers, step)``. Whole units go to readers, so
+    over a fixed number of steps some rows are read more often than others. The DataLoader yields batch
+    ``k`` of a rank from worker ``k % W``; resuming at ``start_step = s`` rotates the workers' roles by
+    ``s`` and lets each skip its already consumed batches using row-group metadata only (the one unit a
+    resume point falls inside is read; skipped units are not).
+
+Exact epochs (:func:`train_loader` with ``epochs=E``)
+    Finite: ``E * steps_per_epoch`` batches per rank. Every epoch reads every training row exactly once
+    across all ranks and workers (``drop_last=False``: the last global batch is padded with rows
+    ``valid = False``, ``weight = 0``, copies of the rank's last row), or all but
+    :func:`dropped_rows_per_epoch` rows (``drop_last=True``; other rows each epoch when shuffled). Ranks
+    get contiguous, row-balanced ranges of a per-epoch shuffled global row order and workers contiguous
+    parts of their rank's range (:mod:`datasets.epochs`); every rank takes :func:`steps_per_epoch` steps per
+    epoch. Resuming is exact in the same way as for the infinite stream, also mid-epoch.
 
 Evaluation stream (:func:`eval_loader`)
     Finite, unshuffled: every row of ``eval_paths`` exactly once across all ranks and workers. A reader's
     last batch is padded to ``batch_size`` with copies of a real row marked ``valid = False`` and
     ``weight = 0``; readers with fewer batches than the busiest reader append whole padding batches, so
-    every rank yields the same number of batches (``W * max_reader_batches``) and collectives in a sharded
-    model stay in lockstep.
+    every rank yields the same number of batches (:func:`eval_batches`, ``W * max_reader_batches``) and
+    collectives in a sharded model stay in lockstep.
 
 Validation
     File readability and every column's presence and arrow type are checked when a loader is built,
@@ -59,11 +69,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datasets.batch import Batch
 from datasets.config import DataConfig
 from datasets.decode import Where, decode
-from datasets.files import Unit, count_rows, expand_paths, make_units, open_files, open_parquet
+from datasets.epochs import EpochLayout, epoch_order, row_order, spans
+from datasets.files import Unit, count_rows, expand_paths, make_units, open_files, open_parquet, row_group_units
 from datasets.rows import Rows, rebatch
 from datasets.schema import DataError
 
-__all__ = ["DataError", "ParquetStream", "count_rows", "eval_loader", "expand_paths", "train_loader"]
+__all__ = [
+    "DataError",
+    "ParquetStream",
+    "count_rows",
+    "dropped_rows_per_epoch",
+    "eval_batches",
+    "eval_loader",
+    "expand_paths",
+    "steps_per_epoch",
+    "train_loader",
+]
 
 
 def _group_caps(cfg: DataConfig, sequence_caps: Mapping[str, int]) -> dict[str, int]:
@@ -96,15 +117,18 @@ class ParquetStream(IterableDataset):
         paths: files or glob patterns.
         rank: this rank, ``0 <= rank < world_size``.
         world_size: number of ranks.
-        train: True for the infinite shuffled training stream, False for one finite unshuffled pass.
+        train: True for the (shuffled) training stream, False for one finite unshuffled pass.
         start_step: training only: batches of this rank's stream to skip (resume).
         sequence_caps: sequence group -> keep at most the last this many items of every column of the group
             (a model's declared need; 0 = no cap), combined with ``cfg.max_sequence_length`` by taking the
             smaller positive one.
+        epochs: training only: None for the infinite stream, ``E >= 1`` for ``E`` exact epochs.
 
     Raises:
-        ValueError: bad rank, sizes or ``start_step``; ``sequence_caps`` names a group the schema does not
-            have, or holds a negative cap.
+        DataError: exact epochs with no step per epoch (fewer rows than one global batch with
+            ``drop_last``, or no rows).
+        ValueError: bad rank, sizes, ``start_step`` or ``epochs``; ``sequence_caps`` names a group the schema
+            does not have, or holds a negative cap.
     """
 
     def __init__(
@@ -116,6 +140,7 @@ class ParquetStream(IterableDataset):
         train: bool,
         start_step: int = 0,
         sequence_caps: Optional[Mapping[str, int]] = None,
+        epochs: Optional[int] = None,
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -126,6 +151,8 @@ class ParquetStream(IterableDataset):
             raise ValueError(f"data.num_workers must be >= 0, got {cfg.num_workers}")
         if start_step < 0 or (start_step and not train):
             raise ValueError(f"start_step must be >= 0 and only used for training, got {start_step}")
+        if epochs is not None and (epochs < 1 or not train):
+            raise ValueError(f"epochs must be None or >= 1 and only used for training, got {epochs}")
         cfg.schema.validate()
         self.caps = _group_caps(cfg, sequence_caps or {})
         self.cfg = cfg
@@ -135,8 +162,22 @@ class ParquetStream(IterableDataset):
         self.start_step = start_step
         self.workers = max(cfg.num_workers, 1)
         self.num_readers = world_size * self.workers
+        self.epochs = epochs
         self.files = open_files(paths, cfg.schema)
-        self.units = make_units(self.files, self.num_readers)
+        self.layout: Optional[EpochLayout] = None
+        if epochs is None:
+            self.units = make_units(self.files, self.num_readers)
+        else:  # exact epochs split rows, not units: whole row groups, no reader needs a row
+            self.units = row_group_units(self.files)
+            self.layout = EpochLayout(
+                sum(u.num_rows for u in self.units), world_size, self.workers, cfg.batch_size, cfg.drop_last
+            )
+            if self.layout.steps < 1:
+                raise DataError(
+                    f"{[m.path for m in self.files]}: {self.layout.rows} rows give no step per epoch with "
+                    f"world_size x batch_size = {world_size} x {cfg.batch_size}"
+                    + (" and data.drop_last=true" if cfg.drop_last else "")
+                )
         self.columns = list(cfg.schema.arrow_types())
         self._handles: dict[int, pq.ParquetFile] = {}
 
@@ -199,6 +240,39 @@ class ParquetStream(IterableDataset):
                 skip_rows = 0
                 yield rows
 
+    def _span_rows(self, unit: Unit, epoch: int, a: int, b: int) -> Rows:
+        """Rows ``a:b`` of ``unit`` in its row order of ``epoch``."""
+        rows = self._read_unit(unit)
+        order = row_order(unit, self.cfg.seed, epoch, self.cfg.shuffle)
+        if order is None:
+            return rows if (a, b) == (0, len(rows)) else rows.slice(a, b)
+        return rows.take(order[a:b])
+
+    def _epoch_parts(self, worker: int) -> Iterator[Rows]:
+        """The rows (padding included) of logical worker ``worker``'s batches of every epoch, from batch
+        ``start_step`` of the rank's stream on; skipped positions are never read."""
+        layout, bsz = self.layout, self.cfg.batch_size
+        assert layout is not None and self.epochs is not None
+        start, stop = layout.rank_range(self.rank)
+        for epoch in range(self.epochs):
+            first, count = layout.worker_blocks(epoch, worker)
+            skip = layout.consumed(epoch, worker, self.start_step)
+            if skip == count:
+                continue
+            order = epoch_order(self.units, self.cfg.seed, epoch, self.cfg.shuffle)
+            lo = min(stop, start + (first + skip) * bsz)
+            hi = min(stop, start + (first + count) * bsz)
+            rows: Optional[Rows] = None
+            for unit, a, b in spans(order, lo, hi):
+                rows = self._span_rows(unit, epoch, a, b)
+                yield rows
+            pad = (count - skip) * bsz - (hi - lo)
+            if pad:  # then hi == stop: padding copies the rank's last row, position stop - 1
+                if rows is None:
+                    ((unit, a, b),) = spans(order, stop - 1, stop)
+                    rows = self._span_rows(unit, epoch, a, b)
+                yield rows.slice(len(rows) - 1, len(rows)).padding(pad)
+
     def reader_batches(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """The batches DataLoader worker ``worker`` of ``num_workers`` yields on this rank.
 
@@ -211,6 +285,11 @@ class ParquetStream(IterableDataset):
                 f"{self.cfg.num_workers}) but runs as worker {worker} of {num_workers}"
             )
         schema, bsz = self.cfg.schema, self.cfg.batch_size
+        if self.train and self.epochs is not None:
+            logical = (worker + self.start_step) % num_workers  # resumed stream starts at worker s % W
+            for rows in rebatch(self._epoch_parts(logical), bsz, pad_last=False):
+                yield rows.to_batch(schema)
+            return
         if self.train:
             logical = (worker + self.start_step) % num_workers  # resumed stream starts at worker s % W
             skip_batches = (self.start_step - logical + num_workers - 1) // num_workers
@@ -257,34 +336,61 @@ def train_loader(
     world_size: int,
     start_step: int = 0,
     sequence_caps: Optional[Mapping[str, int]] = None,
+    epochs: Optional[int] = None,
 ) -> Iterable[Batch]:
-    """The infinite, deterministic training stream of one rank (see the module docstring).
+    """The deterministic training stream of one rank (see the module docstring).
 
-    Every batch has exactly ``cfg.batch_size`` rows, all valid. The stream resumed with ``start_step = s``
-    equals the fresh stream with its first ``s`` batches dropped.
+    Every batch has exactly ``cfg.batch_size`` rows. The stream resumed with ``start_step = s`` equals the
+    fresh stream with its first ``s`` batches dropped.
+
+    ``epochs=None``: infinite, every row valid. ``epochs=E``: ``E * steps_per_epoch(cfg, world_size)``
+    batches; each epoch every training row appears exactly once with ``valid = True`` across all ranks and
+    workers, except the :func:`dropped_rows_per_epoch` rows skipped with ``cfg.drop_last``; padding rows
+    (``cfg.drop_last=False``, last steps of an epoch only) have ``valid = False`` and ``weights = 0``.
 
     Args:
         cfg: data config; ``cfg.train_paths`` are read.
         rank: this rank.
         world_size: number of ranks.
-        start_step: batches already consumed by this rank (resume).
+        start_step: batches already consumed by this rank (resume); with ``epochs``, at or past the end
+            gives an empty stream.
         sequence_caps: sequence group -> keep at most the last this many items of every column of the
             group (e.g. ``{"history": 50}`` for a model that reads 50 behaviours); combined with
             ``cfg.max_sequence_length`` by taking the smaller positive one. Ids are validated over the whole
             stored sequence regardless.
+        epochs: None for the infinite stream, ``E >= 1`` for ``E`` exact epochs.
 
     Returns:
         A ``DataLoader`` (``batch_size=None``, ``cfg.num_workers`` workers) yielding :class:`Batch`.
 
     Raises:
-        DataError: unreadable file, missing or mistyped column (before anything is yielded); bad values
-            while iterating.
-        ValueError: ``sequence_caps`` names a group the schema does not have (the message lists them).
+        DataError: unreadable file, missing or mistyped column (before anything is yielded); exact
+            epochs without a step per epoch; bad values while iterating.
+        ValueError: ``sequence_caps`` names a group the schema does not have (the message lists them);
+            ``epochs < 1``.
     """
     ds = ParquetStream(
-        cfg, cfg.train_paths, rank, world_size, train=True, start_step=start_step, sequence_caps=sequence_caps
+        cfg, cfg.train_paths, rank, world_size, True, start_step=start_step, sequence_caps=sequence_caps, epochs=epochs
     )
     return _loader(ds, cfg)
+
+
+def _epoch_layout(cfg: DataConfig, world_size: int) -> EpochLayout:
+    if world_size < 1 or cfg.batch_size < 1:
+        raise ValueError(f"need world_size >= 1 and data.batch_size >= 1, got {world_size} and {cfg.batch_size}")
+    return EpochLayout(count_rows(cfg.train_paths), world_size, max(cfg.num_workers, 1), cfg.batch_size, cfg.drop_last)
+
+
+def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
+    """Batches every rank takes per exact epoch (``train_loader(..., epochs=E)``), from the footers of
+    ``cfg.train_paths``: ``ceil(rows / (world_size * batch_size))``, ``floor`` with ``cfg.drop_last``."""
+    return _epoch_layout(cfg, world_size).steps
+
+
+def dropped_rows_per_epoch(cfg: DataConfig, world_size: int) -> int:
+    """Training rows an exact epoch does not read: ``rows mod (world_size * batch_size)`` with
+    ``cfg.drop_last`` (other rows every epoch when shuffled), else 0."""
+    return _epoch_layout(cfg, world_size).dropped_rows
 
 
 def eval_loader(
@@ -308,4 +414,16 @@ def eval_loader(
         DataError: as for :func:`train_loader`.
         ValueError: ``sequence_caps`` names a group the schema does not have (the message lists them).
     """
-    return _loader(ParquetStream(cfg, cfg.eval_paths, rank, world_size, train=False, sequence_caps=sequence_caps), cfg)
+    ds = ParquetStream(cfg, cfg.eval_paths, rank, world_size, train=False, sequence_caps=sequence_caps)
+    return _loader(ds, cfg)
+
+
+def eval_batches(cfg: DataConfig, world_size: int, sequence_caps: Optional[Mapping[str, int]] = None) -> int:
+    """Batches every rank's :func:`eval_loader` yields (the same on every rank), from the footers of
+    ``cfg.eval_paths``. ``sequence_caps`` does not change the count; it is checked as the loader checks it.
+
+    Raises:
+        DataError, ValueError: as for :func:`eval_loader`.
+    """
+    ds = ParquetStream(cfg, cfg.eval_paths, 0, world_size, train=False, sequence_caps=sequence_caps)
+    return ds.workers * ds.eval_batches_per_reader()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from datasets.batch import Batch
-from datasets.reader import ParquetStream, count_rows, eval_loader, train_loader
+from datasets.reader import ParquetStream, count_rows, eval_batches, eval_loader, train_loader
 from datasets.schema import DataError, IdPolicy
 from tests.datasets.helpers import make_cfg, small_schema, small_table
 
@@ -157,6 +157,24 @@ def test_eval_loader_with_worker_processes(write_parquet: Callable[..., str]) ->
     cfg = make_cfg(paths, batch_size=8, num_workers=2)
     seen = [t for b in eval_loader(cfg, 0, 1) for t in valid_tags(b)]
     assert sorted(seen) == list(range(50))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_eval_batches_is_what_every_rank_yields(
+    write_parquet: Callable[..., str], world_size: int, num_workers: int
+) -> None:
+    cfg = make_cfg(three_files(write_parquet), batch_size=3, num_workers=num_workers)
+    workers = max(num_workers, 1)
+    expected = eval_batches(cfg, world_size)
+    for rank in range(world_size):
+        ds = ParquetStream(cfg, cfg.eval_paths, rank, world_size, train=False)
+        assert sum(len(list(ds.reader_batches(w, workers))) for w in range(workers)) == expected
+    assert expected >= -(-50 // (3 * world_size))  # at least enough to hold every row once
+    if (world_size, num_workers) == (2, 2):  # real worker processes yield the same count
+        assert len(list(eval_loader(cfg, 1, world_size))) == expected
+    with pytest.raises(ValueError, match="unknown sequence groups"):
+        eval_batches(cfg, world_size, sequence_caps={"candidates": 1})
 
 
 def test_row_groups_subdivided_when_fewer_units_than_readers(write_parquet: Callable[..., str]) -> None:
