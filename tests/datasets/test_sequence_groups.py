@@ -266,3 +266,18 @@ def test_caps_with_worker_processes(write_parquet: Callable[..., str]) -> None:
     batches = list(eval_loader(cfg, 0, 1, {"candidates": 1}))  # caps travel to the worker processes
     values = [b.sparse_features["cand_item_id"].values().tolist() for b in batches if bool(b.valid.all())]
     assert sorted(itertools.chain.from_iterable(values)) == [11, 14, 15]
+
+
+def test_caps_in_exact_epochs_keep_rows_and_resume(write_parquet: Callable[..., str]) -> None:
+    """Exact epochs truncate like the infinite stream; rows stay whole and every row comes once per epoch."""
+    path = write_parquet(small_table(22), row_group_size=6)
+    cfg = make_cfg([path], batch_size=4, seed=3)
+    caps = {"history": 1}
+    fresh = list(train_loader(cfg, 0, 1, sequence_caps=caps, epochs=2))
+    assert len(fresh) == 2 * 6  # ceil(22 / 4) per epoch
+    for b in fresh:
+        lengths = b.sparse_features["hist_item_id"].lengths().tolist()
+        assert lengths == [min(int(t) % 4, 1) for t in b.float_features[:, 0].tolist()]  # row r keeps min(r % 4, 1)
+    epoch0 = [int(t) for b in fresh[:6] for t, v in zip(b.float_features[:, 0].tolist(), b.valid.tolist()) if v]
+    assert sorted(epoch0) == list(range(22))
+    assert_same_batches(list(train_loader(cfg, 0, 1, start_step=8, sequence_caps=caps, epochs=2)), fresh[8:])
