@@ -1,7 +1,16 @@
 """Converter of Taobao UserBehavior (Tianchi 649) raw CSV to the canonical parquet table, DARE's protocol.
 
 Input: ``UserBehavior.csv``, no header, ``user_id,item_id,category_id,behavior_type,timestamp``
-(``behavior_type`` in ``pv|buy|cart|fav``, ``timestamp`` unix seconds), grouped by user.
+(``behavior_type`` in ``pv|buy|cart|fav``, ``timestamp`` unix seconds), in any row order: the full file
+grouped by user, or a slice ordered by time.
+
+Row order. The converter works on the rows sorted by ``(user_id, timestamp)``, stably: a user's rows with
+equal timestamps keep their order in the file (that is what "file order" means below). A file already in
+that order (grouped by user, users in increasing id order, each user's rows time-ordered) is read as it is;
+any other file (a time-ordered slice, or a file grouped in another user order) is first sorted out of core
+into a temporary Arrow data set beside the output (sorted runs of ``sort_rows`` rows, then a k-way merge),
+with memory bounded by ``sort_rows``. The output therefore depends on the rows only, never on how the file
+lays them out (apart from the order of one user's rows with equal timestamps).
 
 Protocol (DARE, ``thuml/DARE`` ``preprocess/taobao_v4.py``):
 
@@ -9,8 +18,8 @@ Protocol (DARE, ``thuml/DARE`` ``preprocess/taobao_v4.py``):
 * remap users, items and categories to ``1..n`` (0 = padding) over all ``pv`` events. Ids are assigned
   in increasing raw-id order (DARE assigns them in order of first appearance; both are bijections);
 * keep users with at least ``min_pv`` ``pv`` events (default 210);
-* a user's events are ordered by timestamp (stable: ties keep the file order; the public file is already
-  time-ordered within a user, so this is DARE's file order);
+* a user's events are ordered by timestamp, ties in file order (the public file is time-ordered within a
+  user, so this is DARE's order);
 * targets, counted from the end of the user's sequence: ``train_targets`` (19) training targets at
   positions ``-3, -3 - train_stride, ...`` (``-3, -8, ..., -93``), the validation target ``-2``, the test
   target ``-1``;
@@ -20,25 +29,31 @@ Protocol (DARE, ``thuml/DARE`` ``preprocess/taobao_v4.py``):
 * every positive gets ``negatives`` (2) negatives with the same history: items sampled in proportion to
   their ``pv`` frequency in the whole file and never among the items of the user's ``pv`` events (DARE's
   rule, which implies "not in the history"); a negative's category is the category of the item's last
-  ``pv`` event in the file (DARE's ``iid_2_cid``). Sampling is seeded per group of ``users_per_group``
-  kept users (``np.random.default_rng([seed, group])``), so the output does not depend on CSV block size.
+  ``pv`` event in the sorted order above (DARE's ``iid_2_cid`` takes the last in its file, which is the
+  same event when the file is grouped by user in increasing id order). Sampling is seeded per group of
+  ``users_per_group`` kept users (``np.random.default_rng([seed, group])``), so the output does not depend
+  on CSV block size.
 
 Output: ``OUT/{train,valid,test}/part-*.parquet`` in the canonical schema (:mod:`datasets.canonical`):
 ``user_id, item_id, item_category, hist_item_id, hist_category, hist_behavior_type`` (all 1 = pv, written
 for schema uniformity), ``hist_time_delta`` (target timestamp - behaviour timestamp, float32 seconds),
-``label``; rows ordered by user (file order), target (deepest first), then positive before its negatives.
+``label``; rows ordered by user id, target (deepest first), then positive before its negatives.
 ``OUT/meta.json`` holds table sizes, counts and the parameters; :func:`taobao_schema` turns it into a
-:class:`SchemaConfig`.
+:class:`SchemaConfig`, and ``data.meta_path`` points a training config at it. ``OUT`` is written as a
+whole into a temporary folder beside it and swapped in at the end (:mod:`datasets.convert_io`): a failed
+or killed conversion leaves a previous ``OUT`` complete.
 
-The CSV is streamed twice with ``pyarrow.csv.open_csv`` (pass 1: validation, grouping check, id maps,
-frequencies, per-user counts; pass 2: samples), so memory is bounded by the id maps, one CSV block and one
-group of users. A malformed row raises one :class:`DataError` naming the file, the line, the column and the
-expected value.
+The CSV is streamed with ``pyarrow.csv.open_csv`` (pass 1: validation, order check, id maps, frequencies,
+per-user counts; pass 2: samples), so memory is bounded by the id maps, one CSV block and one group of
+users (and ``sort_rows`` rows while sorting). Bad input raises one :class:`DataError` naming the file and,
+for a malformed row, the line, the column and the expected value; so does a ``min_pv`` that no user meets.
 
-CLI::
+CLI (exit 0; 1 the output cannot be written; 2 bad arguments or an ``--out`` that is not a previous output;
+3 bad input; errors are one line on stderr)::
 
     python -m datasets.taobao --input UserBehavior.csv --out DIR [--min-pv 210] [--max-len 200]
-        [--negatives 2] [--seed 0] [--train-targets 19] [--train-stride 5]
+        [--negatives 2] [--seed 0] [--train-targets 19] [--train-stride 5] [--row-group-size 65536]
+        [--rows-per-file 4194304]
 """
 
 from __future__ import annotations
@@ -46,9 +61,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
+import stat
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -57,12 +76,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from datasets.canonical import BEHAVIOR_TYPES, canonical_arrow_schema, canonical_schema, canonical_table
+from datasets.convert_io import OutputError, staged_output
 from datasets.schema import DataError, SchemaConfig
 
 __all__ = ["TaobaoParams", "convert", "taobao_schema", "main"]
 
 _COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 _SPLITS = ("train", "valid", "test")
+#: What an output folder holds (anything else makes :func:`convert` refuse to replace it).
+_OUTPUT_ENTRIES = {"meta.json": "file", **{s: "part-*.parquet" for s in _SPLITS}}
 
 
 @dataclass
@@ -80,6 +102,8 @@ class TaobaoParams:
         rows_per_file: rows per parquet file (a new ``part-*.parquet`` starts after this many).
         users_per_group: kept users processed (and seeded) together.
         block_size: bytes per CSV block read.
+        sort_rows: rows per sorted run when the file is not in ``(user_id, timestamp)`` order (about 40
+            bytes each are held in memory while a run is sorted).
     """
 
     min_pv: int = 210
@@ -92,6 +116,7 @@ class TaobaoParams:
     rows_per_file: int = 4_194_304
     users_per_group: int = 256
     block_size: int = 1 << 24
+    sort_rows: int = 1 << 22
 
     def target_offsets(self) -> dict[str, np.ndarray]:
         """Split -> target positions counted from the end of a user's sequence (1 = the last event).
@@ -116,8 +141,12 @@ class TaobaoParams:
             )
         if self.max_len < 1 or self.negatives < 0:
             problems.append(f"max_len >= 1 and negatives >= 0 (got {self.max_len}, {self.negatives})")
-        if self.row_group_size < 1 or self.rows_per_file < 1 or self.users_per_group < 1 or self.block_size < 1:
-            problems.append("positive row_group_size, rows_per_file, users_per_group and block_size")
+        sizes = (self.row_group_size, self.rows_per_file, self.users_per_group, self.block_size, self.sort_rows)
+        if min(sizes) < 1:
+            problems.append(
+                "positive row_group_size, rows_per_file, users_per_group, block_size and sort_rows "
+                f"(got {', '.join(map(str, sizes))})"
+            )
         if problems:
             raise ValueError("invalid TaobaoParams: need " + "; ".join(problems))
 
@@ -127,55 +156,86 @@ class TaobaoParams:
 
 @dataclass
 class _Block:
-    """Validated rows of one CSV block. Shapes: R rows of the block."""
+    """Validated rows of one CSV block, or of the sorted data. Shapes: R rows of the block."""
 
-    first_line: int  # 1-based line number of the block's first row
     users: np.ndarray  # [R] int64 raw ids
     items: np.ndarray  # [R] int64
     cats: np.ndarray  # [R] int64
     pv: np.ndarray  # [R] bool
     ts: np.ndarray  # [R] int64
 
+    def slice(self, start: int, stop: Optional[int] = None) -> "_Block":
+        return _Block(*(getattr(self, k)[start:stop] for k in _BLOCK_FIELDS))
+
+
+_BLOCK_FIELDS = ("users", "items", "cats", "pv", "ts")
+
+
+def _concat(blocks: list[_Block]) -> _Block:
+    return _Block(*(np.concatenate([getattr(b, k) for b in blocks]) for k in _BLOCK_FIELDS))
+
 
 def _locate_bad_line(path: str) -> tuple[int, int, str]:
     """(line number, field count, text) of the first line without 5 fields (error path only; streams)."""
-    with open(path, newline="") as fh:
-        for number, fields in enumerate(csv.reader(fh), start=1):
-            if len(fields) != len(_COLUMNS):
-                return number, len(fields), ",".join(fields)
+    try:
+        with open(path, newline="", errors="replace") as fh:
+            for number, fields in enumerate(csv.reader(fh), start=1):
+                if len(fields) != len(_COLUMNS):
+                    return number, len(fields), ",".join(fields)[:200]
+    except (OSError, csv.Error):
+        pass
     return -1, -1, ""
+
+
+def _input_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be read at all (missing, a folder, unreadable, empty), or None."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return "is a folder; expected the UserBehavior CSV file"
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return f"cannot read: {e.strerror or e}"
+    if st.st_size == 0:
+        return f"empty file; expected rows {','.join(_COLUMNS)}"
+    return None
 
 
 def _blocks(path: str, block_size: int) -> Iterator[_Block]:
     """Streams the CSV block by block, validating every value.
 
     Raises:
-        DataError: unreadable file, or the first malformed row (line, column, expected value).
+        DataError: missing, empty or unreadable file, or the first malformed row (line, column, expected
+            value).
     """
-    invalid: list[pacsv.InvalidRow] = []
+    problem = _input_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}")
 
-    def on_invalid(row: pacsv.InvalidRow) -> str:
-        invalid.append(row)
-        return "skip"
-
-    def raise_invalid() -> None:
-        number, count, text = _locate_bad_line(path)
-        raise DataError(
-            f"{path}: line {number}: {count} fields ({text!r}); expected {len(_COLUMNS)} columns "
-            f"{','.join(_COLUMNS)}"
-        )
+    def parse_error(e: pa.ArrowException, after: int) -> DataError:
+        """The first line with a wrong field count (pyarrow's message has no line number), else ``e``."""
+        number, count, text = _locate_bad_line(path) if "columns, got" in str(e) else (-1, -1, "")
+        if number > after:
+            return DataError(
+                f"{path}: line {number}: {count} fields ({text!r}); expected {len(_COLUMNS)} columns "
+                f"{','.join(_COLUMNS)}"
+            )
+        return DataError(f"{path}: cannot read as CSV from line {after + 1} on: {' '.join(str(e).split())}")
 
     try:
         reader = pacsv.open_csv(
             path,
             read_options=pacsv.ReadOptions(column_names=_COLUMNS, block_size=block_size),
-            parse_options=pacsv.ParseOptions(invalid_row_handler=on_invalid, ignore_empty_lines=False),
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in _COLUMNS}),
         )
-    except (OSError, pa.ArrowException) as e:
-        if invalid:
-            raise_invalid()
-        raise DataError(f"{path}: cannot read as CSV: {e}") from None
+    except pa.ArrowException as e:
+        raise parse_error(e, 0) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from None
     line = 1
     while True:
         try:
@@ -183,9 +243,7 @@ def _blocks(path: str, block_size: int) -> Iterator[_Block]:
         except StopIteration:
             break
         except pa.ArrowException as e:
-            raise DataError(f"{path}: CSV error after line {line - 1}: {e}") from None
-        if invalid:
-            raise_invalid()
+            raise parse_error(e, line - 1) from None
 
         def check(column: str, ok: pa.Array, expected: str) -> None:
             good = ok.to_numpy(zero_copy_only=False)
@@ -204,7 +262,6 @@ def _blocks(path: str, block_size: int) -> Iterator[_Block]:
             return pc.cast(batch.column(column), pa.int64()).to_numpy()
 
         yield _Block(
-            first_line=line,
             users=ints("user_id"),
             items=ints("item_id"),
             cats=ints("category_id"),
@@ -212,6 +269,95 @@ def _blocks(path: str, block_size: int) -> Iterator[_Block]:
             ts=ints("timestamp"),
         )
         line += batch.num_rows
+
+
+# ------------------------------------------------------------------------------------ out-of-core sort
+
+
+def _run_batch_rows(p: TaobaoParams) -> int:
+    """Rows per record batch of a sorted run: the unit the merge holds per run."""
+    return max(1, min(65_536, p.sort_rows // 4))
+
+
+def _sort_runs(path: str, p: TaobaoParams, folder: Path) -> list[Path]:
+    """Sorts the CSV in runs of ``sort_rows`` rows, each stably by (user, timestamp), into Arrow files.
+
+    Returns:
+        The run files, in file order (run ``r`` holds rows that come before those of run ``r + 1``).
+    """
+    folder.mkdir()
+    runs: list[Path] = []
+    pending: list[_Block] = []
+    pending_rows = 0
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+
+    def spill(b: _Block) -> None:
+        order = np.lexsort((b.ts, b.users))  # stable: ties keep the file order
+        table = pa.table({k: getattr(b, k)[order] for k in _BLOCK_FIELDS})
+        run = folder / f"run-{len(runs):05d}.arrow"
+        with pa.ipc.new_file(run, table.schema, options=options) as writer:
+            writer.write_table(table, max_chunksize=_run_batch_rows(p))
+        runs.append(run)
+
+    for b in _blocks(path, p.block_size):
+        pending.append(b)
+        pending_rows += len(b.users)
+        while pending_rows >= p.sort_rows:
+            rows = _concat(pending)
+            spill(rows.slice(0, p.sort_rows))
+            rest = rows.slice(p.sort_rows)
+            pending, pending_rows = [rest], len(rest.users)
+    if pending_rows:
+        spill(_concat(pending))
+    return runs
+
+
+def _merged_blocks(runs: list[Path]) -> Iterator[_Block]:
+    """The rows of the sorted runs in (user, timestamp, run, position in run) order: a k-way merge holding
+    one record batch per run.
+
+    Each step emits every buffered row whose key is at most the bound ``(user, timestamp, run)`` of the
+    last buffered row of the run whose buffer ends lowest among runs with batches left: no row still
+    unread can sort before it, and that run's buffer empties, so every step makes progress.
+    """
+    readers = [pa.ipc.open_file(pa.memory_map(str(r))) for r in runs]
+    next_batch = [0] * len(readers)
+    buffers: list[Optional[_Block]] = [None] * len(readers)
+
+    def load(r: int) -> None:
+        if next_batch[r] < readers[r].num_record_batches:
+            rb = readers[r].get_batch(next_batch[r])
+            next_batch[r] += 1
+            buffers[r] = _Block(*(rb.column(k).to_numpy(zero_copy_only=False) for k in _BLOCK_FIELDS))
+        else:
+            buffers[r] = None
+
+    for r in range(len(readers)):
+        load(r)
+    while True:
+        live = [r for r, b in enumerate(buffers) if b is not None]
+        if not live:
+            return
+        more = [r for r in live if next_batch[r] < readers[r].num_record_batches]
+        take: dict[int, int] = {}
+        if more:
+            bound_run = min(more, key=lambda r: (buffers[r].users[-1], buffers[r].ts[-1], r))
+            bu, bt = buffers[bound_run].users[-1], buffers[bound_run].ts[-1]
+            for r in live:
+                b = buffers[r]
+                keep = (b.users < bu) | ((b.users == bu) & ((b.ts < bt) | ((b.ts == bt) & (r <= bound_run))))
+                take[r] = int(np.count_nonzero(keep))  # a prefix: the buffer is sorted
+        else:
+            take = {r: len(buffers[r].users) for r in live}
+        out = _concat([buffers[r].slice(0, take[r]) for r in live])  # runs in order, each in order
+        order = np.lexsort((out.ts, out.users))  # stable: ties keep (run, position)
+        yield _Block(*(getattr(out, k)[order] for k in _BLOCK_FIELDS))
+        for r in live:
+            rest = buffers[r].slice(take[r])
+            if len(rest.users):
+                buffers[r] = rest
+            else:
+                load(r)
 
 
 # --------------------------------------------------------------------------------------------- pass 1
@@ -245,37 +391,33 @@ def _merge_last(keys: np.ndarray, counts: np.ndarray, last: np.ndarray) -> tuple
     return uniq, total, last[::-1][rev_first]
 
 
-def _pass1(path: str, block_size: int) -> _Stats:
-    done_users = np.empty(0, dtype=np.int64)  # users whose run has ended, sorted
-    current = -1  # user of the run still open at the end of the previous block (-1: none; ids are >= 0)
+def _pass1(blocks: Iterable[_Block], path: str) -> Optional[_Stats]:
+    """Statistics of rows in (user, timestamp) order; None as soon as a row breaks that order.
+
+    Raises:
+        DataError: no pv rows.
+    """
+    prev_user, prev_ts = -1, 0  # raw ids are >= 0, so the first row always follows
     pv_users = (np.empty(0, np.int64), np.empty(0, np.int64))
     pv_items = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
     cats = np.empty(0, dtype=np.int64)
-    csv_rows = pv_rows = 0
-    for b in _blocks(path, block_size):
+    csv_rows = pv_rows = csv_users = 0
+    for b in blocks:
         if not len(b.users):
             continue
+        u = np.concatenate([[prev_user], b.users])
+        t = np.concatenate([[prev_ts], b.ts])
+        new_user = u[1:] != u[:-1]
+        if not ((u[1:] > u[:-1]) | (~new_user & (t[1:] >= t[:-1]))).all():
+            return None
+        csv_users += int(np.count_nonzero(new_user))
+        prev_user, prev_ts = int(b.users[-1]), int(b.ts[-1])
         csv_rows += len(b.users)
-        # grouping check: each user's rows form one contiguous run
-        starts = np.flatnonzero(np.concatenate([[b.users[0] != current], b.users[1:] != b.users[:-1]]))
-        run_users = b.users[starts]  # users whose run starts in this block
-        _, first, inverse = np.unique(run_users, return_index=True, return_inverse=True)
-        repeated = (first[inverse] != np.arange(len(run_users))) | np.isin(run_users, done_users)
-        repeated |= run_users == current
-        if repeated.any():
-            k = int(np.argmax(repeated))
-            raise DataError(
-                f"{path}: line {b.first_line + int(starts[k])}, column 'user_id': user {int(run_users[k])} appears "
-                f"again after other users' rows; expected the file grouped by user (each user's rows contiguous)"
-            )
-        runs = run_users if len(starts) and starts[0] == 0 else np.concatenate([[current], run_users])
-        done_users = np.union1d(done_users, runs[:-1])
-        current = int(runs[-1])
 
         pv = b.pv
         pv_rows += int(pv.sum())
-        u, c = np.unique(b.users[pv], return_counts=True)
-        pv_users = _merge_counts(np.concatenate([pv_users[0], u]), np.concatenate([pv_users[1], c]))
+        uu, c = np.unique(b.users[pv], return_counts=True)
+        pv_users = _merge_counts(np.concatenate([pv_users[0], uu]), np.concatenate([pv_users[1], c]))
         it, ct = b.items[pv], b.cats[pv]
         pv_items = _merge_last(
             np.concatenate([pv_items[0], it]),
@@ -285,18 +427,16 @@ def _pass1(path: str, block_size: int) -> _Stats:
         cats = np.union1d(cats, ct)
     if pv_rows == 0:
         raise DataError(f"{path}: no 'pv' rows; expected Taobao UserBehavior rows with behavior_type pv")
-    csv_users = len(done_users) + (current >= 0)
-    item_cat_raw = pv_items[2]
     return _Stats(
         users=pv_users[0],
         user_pv=np.concatenate([[0], pv_users[1]]),
         items=pv_items[0],
         item_count=np.concatenate([[0], pv_items[1]]),
-        item_cat=np.concatenate([[0], np.searchsorted(cats, item_cat_raw) + 1]),
+        item_cat=np.concatenate([[0], np.searchsorted(cats, pv_items[2]) + 1]),
         cats=cats,
         csv_rows=csv_rows,
         pv_rows=pv_rows,
-        csv_users=int(csv_users),
+        csv_users=csv_users,
     )
 
 
@@ -307,9 +447,7 @@ class _SplitWriter:
     """Buffers canonical tables and writes row groups of ``row_group_size`` rows into rotating files."""
 
     def __init__(self, out: Path, row_group_size: int, rows_per_file: int) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob("part-*.parquet"):
-            stale.unlink()
+        out.mkdir(parents=True)
         self.out, self.row_group_size, self.rows_per_file = out, row_group_size, rows_per_file
         self.schema = canonical_arrow_schema()
         self.pending: list[pa.Table] = []
@@ -396,15 +534,12 @@ def _group_samples(
     """Samples of a group of kept users, per split.
 
     Args:
-        users, items, cats, ts: ``[E]`` the group's pv events (new ids), users contiguous in file order.
+        users, items, cats, ts: ``[E]`` the group's pv events (new ids) in (user, timestamp) order, ties
+            in file order.
     """
     starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))  # [m] each user's first event
     m = len(starts)
     local = np.repeat(np.arange(m), np.diff(np.append(starts, len(users))))  # [E] user index in the group
-    # by user (file order), then timestamp; lexsort is stable, so ties keep the file order and every
-    # user's run stays where it was
-    order = np.lexsort((ts, local))
-    users, items, cats, ts = users[order], items[order], cats[order], ts[order]
     user_start = starts
     user_end = np.append(starts[1:], len(users))
     user_ids = users[user_start]
@@ -440,33 +575,14 @@ def _group_samples(
     return out
 
 
-def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoParams] = None) -> dict:
-    """Converts a Taobao UserBehavior CSV to ``out_dir/{train,valid,test}`` parquet and ``meta.json``.
+def _pass2(blocks: Iterable[_Block], stats: _Stats, p: TaobaoParams, writers: dict[str, _SplitWriter]) -> int:
+    """Writes the samples of the kept users, ``users_per_group`` at a time; returns the kept users.
 
     Args:
-        input_csv: the raw CSV (no header, grouped by user).
-        out_dir: output directory (created; old ``part-*.parquet`` in the split folders are removed).
-        params: protocol parameters (default: DARE's).
-
-    Returns:
-        The meta written to ``meta.json``: ``params``, ``num_ids`` (real ids per table), ``table_sizes``,
-        ``counts`` (CSV rows, pv rows, users, kept users, items, categories) and ``splits`` (rows,
-        positives, files per split).
-
-    Raises:
-        DataError: unreadable CSV or malformed row (file, line, column, expected value); file not
-            grouped by user.
+        blocks: the rows in (user, timestamp) order, ties in file order.
     """
-    p = params or TaobaoParams()
-    p.check()
-    path = str(input_csv)
-    out = Path(out_dir)
-    stats = _pass1(path, p.block_size)
     item_cdf = np.cumsum(stats.item_count[1:])
-    writers = {s: _SplitWriter(out / s, p.row_group_size, p.rows_per_file) for s in _SPLITS}
-
-    # pass 2: pv events of kept users, grouped by users_per_group kept users
-    pending: list[tuple[np.ndarray, ...]] = []  # complete kept users' events, in file order
+    pending: list[tuple[np.ndarray, ...]] = []  # complete kept users' events, in order
     pending_users = 0
     carry = (np.empty(0, np.int64),) * 4  # events of the user still open at the end of the last block
     group = 0
@@ -498,7 +614,7 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
         while pending_users >= p.users_per_group:
             flush(p.users_per_group)
 
-    for b in _blocks(path, p.block_size):
+    for b in blocks:
         pv = b.pv
         users = np.searchsorted(stats.users, b.users[pv]) + 1
         items = np.searchsorted(stats.items, b.items[pv]) + 1
@@ -512,27 +628,74 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
     add_complete(*carry)
     if pending_users:
         flush(pending_users)
+    return kept_users
 
-    splits = {s: w.close() for s, w in writers.items()}
-    meta = {
-        "source": path,
-        "protocol": "DARE (thuml/DARE preprocess/taobao_v4.py); histories unpadded, oldest first",
-        "params": asdict(p),
-        "num_ids": {"user_id": len(stats.users), "item_id": len(stats.items), "item_category": len(stats.cats)},
-        "table_sizes": canonical_schema(len(stats.users), len(stats.items), len(stats.cats)).table_sizes(),
-        "counts": {
-            "csv_rows": stats.csv_rows,
-            "pv_rows": stats.pv_rows,
-            "csv_users": stats.csv_users,
-            "pv_users": len(stats.users),
-            "kept_users": kept_users,
-            "items": len(stats.items),
-            "categories": len(stats.cats),
-        },
-        "splits": splits,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoParams] = None) -> dict:
+    """Converts a Taobao UserBehavior CSV to ``out_dir/{train,valid,test}`` parquet and ``meta.json``.
+
+    ``out_dir`` is replaced as a whole, and only once the new data set is complete: it is written into a
+    temporary folder beside ``out_dir`` (which also holds the sorted runs of a file that needs sorting)
+    and swapped in at the end (:func:`datasets.convert_io.staged_output`).
+
+    Args:
+        input_csv: the raw CSV (no header, any row order; see the module docstring).
+        out_dir: output folder: new, empty, or a previous conversion (nothing but ``meta.json`` and the
+            split folders of ``part-*.parquet``).
+        params: protocol parameters (default: DARE's).
+
+    Returns:
+        The meta written to ``meta.json``: ``params``, ``num_ids`` (real ids per table), ``table_sizes``,
+        ``counts`` (CSV rows, pv rows, users, kept users, items, categories), ``splits`` (rows, positives,
+        files per split) and ``sorted_input`` (False when the file had to be sorted first).
+
+    Raises:
+        DataError: missing, empty or unreadable file; malformed row (file, line, column, expected value);
+            no pv rows; no user with ``min_pv`` pv events.
+        OutputError: ``out_dir`` holds something other than a previous conversion.
+        ValueError: invalid ``params``.
+    """
+    p = params or TaobaoParams()
+    p.check()
+    path = str(input_csv)
+    with staged_output(out_dir, _OUTPUT_ENTRIES) as tmp:
+        stats = _pass1(_blocks(path, p.block_size), path)
+        runs: list[Path] = []
+        if stats is None:  # not in (user, timestamp) order: sort, then read the sorted rows
+            runs = _sort_runs(path, p, tmp / ".sort")
+            stats = _pass1(_merged_blocks(runs), path)
+            assert stats is not None, "the merged runs are sorted"
+        kept = int(np.count_nonzero(stats.user_pv >= p.min_pv))
+        if kept == 0:
+            raise DataError(
+                f"{path}: no user has min_pv={p.min_pv} pv events: all {len(stats.users)} users with pv events "
+                f"are filtered out (the most active has {int(stats.user_pv.max())}); lower --min-pv"
+            )
+        writers = {s: _SplitWriter(tmp / s, p.row_group_size, p.rows_per_file) for s in _SPLITS}
+        blocks = _merged_blocks(runs) if runs else _blocks(path, p.block_size)
+        kept_users = _pass2(blocks, stats, p, writers)
+        splits = {s: w.close() for s, w in writers.items()}
+        if runs:
+            shutil.rmtree(tmp / ".sort")
+        meta = {
+            "source": path,
+            "protocol": "DARE (thuml/DARE preprocess/taobao_v4.py); histories unpadded, oldest first",
+            "params": asdict(p),
+            "num_ids": {"user_id": len(stats.users), "item_id": len(stats.items), "item_category": len(stats.cats)},
+            "table_sizes": canonical_schema(len(stats.users), len(stats.items), len(stats.cats)).table_sizes(),
+            "counts": {
+                "csv_rows": stats.csv_rows,
+                "pv_rows": stats.pv_rows,
+                "csv_users": stats.csv_users,
+                "pv_users": len(stats.users),
+                "kept_users": kept_users,
+                "items": len(stats.items),
+                "categories": len(stats.cats),
+            },
+            "splits": splits,
+            "sorted_input": not runs,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -542,18 +705,22 @@ def taobao_schema(meta: dict) -> SchemaConfig:
     return canonical_schema(n["user_id"], n["item_id"], n["item_category"])
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    """CLI entry point; see the module docstring."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point; see the module docstring. Returns the exit code: 0 done, 2 bad arguments or output
+    folder, 3 bad input (one line on stderr, never a traceback)."""
     d = TaobaoParams()
     ap = argparse.ArgumentParser(prog="python -m datasets.taobao", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--input", required=True, help="UserBehavior.csv")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--input", required=True, help="UserBehavior.csv (any row order)")
+    ap.add_argument("--out", required=True, help="output folder (new, empty, or a previous conversion; replaced)")
     ap.add_argument("--min-pv", type=int, default=d.min_pv)
     ap.add_argument("--max-len", type=int, default=d.max_len)
     ap.add_argument("--negatives", type=int, default=d.negatives)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--train-targets", type=int, default=d.train_targets)
     ap.add_argument("--train-stride", type=int, default=d.train_stride)
+    ap.add_argument("--row-group-size", type=int, default=d.row_group_size,
+                    help="rows per parquet row group (the unit a reader holds in memory)")
+    ap.add_argument("--rows-per-file", type=int, default=d.rows_per_file, help="rows per part-*.parquet file")
     a = ap.parse_args(argv)
     params = TaobaoParams(
         min_pv=a.min_pv,
@@ -562,11 +729,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
         seed=a.seed,
         train_targets=a.train_targets,
         train_stride=a.train_stride,
+        row_group_size=a.row_group_size,
+        rows_per_file=a.rows_per_file,
     )
-    meta = convert(a.input, a.out, params)
+    try:
+        params.check()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        meta = convert(a.input, a.out, params)
+    except DataError as e:
+        print(f"data error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return 3
+    except OutputError as e:
+        print(f"output error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {a.out} is unchanged", file=sys.stderr)
+        return 130
+    except OSError as e:  # writing the output: disk full, permissions
+        print(f"error: {e}; {a.out} is unchanged", file=sys.stderr)
+        return 1
     print(json.dumps({"out": a.out, "counts": meta["counts"], "splits": meta["splits"]}, indent=2))
-    return meta
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
