@@ -32,7 +32,10 @@ CLI::
     python -m datasets.synthetic --out DIR --num-samples N [--num-eval-samples N] [--num-users U]
         [--num-items I] [--num-categories C] [--max-seq-len L] [--files F] [--row-group-size R] [--seed S]
 
-writes ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet`` and ``DIR/meta.json``.
+writes ``DIR/train/part-*.parquet``, ``DIR/eval/part-*.parquet`` and ``DIR/meta.json`` (``table_sizes`` in it is
+what ``data.meta_path`` reads). ``DIR`` is written as a whole into a temporary folder beside it and swapped in
+at the end (:mod:`datasets.convert_io`): a failed or killed run leaves a previous ``DIR`` complete. Exit 0;
+2 bad arguments or a ``DIR`` that is not a previous output (one line on stderr).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -49,11 +53,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datasets.canonical import canonical_arrow_schema, canonical_schema, canonical_table
+from datasets.convert_io import OutputError, staged_output
 from datasets.schema import SchemaConfig
 
 __all__ = ["SyntheticParams", "generate", "synthetic_schema", "main"]
 
 _SPLIT_SEED = {"train": 1, "eval": 2, "pilot": 3}
+#: What an output folder holds (anything else makes :func:`generate` refuse to replace it).
+_OUTPUT_ENTRIES = {"meta.json": "file", "train": "part-*.parquet", "eval": "part-*.parquet"}
 
 
 @dataclass
@@ -285,9 +292,7 @@ def _calibrate_bias(world: _World, p: SyntheticParams) -> float:
 
 def _write_split(world: _World, p: SyntheticParams, bias: float, out: Path, split: str, rows: int) -> dict:
     """Writes one split file by file, row group by row group; returns its row and positive counts."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("part-*.parquet"):
-        stale.unlink()
+    out.mkdir(parents=True)
     files = min(p.files, rows)
     per_file = [rows // files + (1 if i < rows % files else 0) for i in range(files)]
     schema = canonical_arrow_schema(with_relevance=True)
@@ -308,42 +313,49 @@ def _write_split(world: _World, p: SyntheticParams, bias: float, out: Path, spli
 def generate(out_dir: str | Path, params: SyntheticParams) -> dict:
     """Writes ``out_dir/{train,eval}/part-*.parquet`` and ``out_dir/meta.json``; returns the meta dict.
 
+    ``out_dir`` is replaced as a whole, and only once the new data is complete (written into a temporary
+    folder beside it, then swapped in: :func:`datasets.convert_io.staged_output`).
+
     Args:
-        out_dir: output directory (created; old ``part-*.parquet`` files in the splits are removed).
+        out_dir: output folder: new, empty, or a previous output (nothing but ``meta.json`` and the split
+            folders of ``part-*.parquet``).
         params: sizes, seed and planted structure.
 
     Returns:
         The meta: ``params`` (resolved), ``calibration`` (``slope``, ``bias``), ``num_ids`` (real ids per
         table), ``table_sizes`` (``t_*`` -> rows), ``splits`` (rows, files, positives, positive rate per
         split), ``synthetic: True``.
+
+    Raises:
+        ValueError: invalid ``params``.
+        OutputError: ``out_dir`` holds something other than a previous output.
     """
     p = params.resolved()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    world = _World(p)
-    bias = _calibrate_bias(world, p)
-    splits = {
-        "train": _write_split(world, p, bias, out / "train", "train", p.num_samples),
-        "eval": _write_split(world, p, bias, out / "eval", "eval", p.num_eval_samples),
-    }
-    meta = {
-        "synthetic": True,
-        "generator": "datasets.synthetic",
-        "params": asdict(p),
-        "calibration": {"slope": p.slope, "bias": bias},
-        "num_ids": {"user_id": p.num_users, "item_id": p.num_items, "item_category": p.num_categories},
-        "table_sizes": synthetic_schema(p).table_sizes(),
-        "splits": splits,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with staged_output(out_dir, _OUTPUT_ENTRIES) as out:
+        world = _World(p)
+        bias = _calibrate_bias(world, p)
+        splits = {
+            "train": _write_split(world, p, bias, out / "train", "train", p.num_samples),
+            "eval": _write_split(world, p, bias, out / "eval", "eval", p.num_eval_samples),
+        }
+        meta = {
+            "synthetic": True,
+            "generator": "datasets.synthetic",
+            "params": asdict(p),
+            "calibration": {"slope": p.slope, "bias": bias},
+            "num_ids": {"user_id": p.num_users, "item_id": p.num_items, "item_category": p.num_categories},
+            "table_sizes": synthetic_schema(p).table_sizes(),
+            "splits": splits,
+        }
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    """CLI entry point; see the module docstring."""
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point; see the module docstring. Returns the exit code."""
     d = SyntheticParams()
     ap = argparse.ArgumentParser(prog="python -m datasets.synthetic", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, help="output folder (new, empty, or a previous output; replaced)")
     ap.add_argument("--num-samples", type=int, required=True)
     ap.add_argument("--num-eval-samples", type=int, default=None, help="default: num_samples // 10")
     ap.add_argument("--num-users", type=int, default=d.num_users)
@@ -365,10 +377,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         row_group_size=a.row_group_size,
         seed=a.seed,
     )
-    meta = generate(a.out, params)
+    try:
+        params.resolved()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        meta = generate(a.out, params)
+    except OutputError as e:
+        print(f"output error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {a.out} is unchanged", file=sys.stderr)
+        return 130
     print(json.dumps({"out": a.out, "splits": meta["splits"], "table_sizes": meta["table_sizes"]}, indent=2))
-    return meta
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

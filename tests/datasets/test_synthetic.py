@@ -148,11 +148,64 @@ def test_reader_reads_synthetic_data(data: tuple[Path, dict]) -> None:
     assert b.sparse_features["hist_item_id"].lengths().tolist() == b.float_sequences["hist_relevance"].lengths().tolist()
 
 
-def test_cli(tmp_path: Path) -> None:
-    meta = main(["--out", str(tmp_path), "--num-samples", "100", "--num-eval-samples", "20", "--num-users", "10",
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["--out", str(tmp_path / "out"), "--num-samples", "100", "--num-eval-samples", "20", "--num-users", "10",
                  "--num-items", "200", "--num-categories", "20", "--max-seq-len", "30", "--files", "1",
                  "--row-group-size", "40", "--seed", "3"])
+    assert code == 0
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert json.loads(capsys.readouterr().out)["table_sizes"] == meta["table_sizes"]
     assert meta["splits"]["train"]["rows"] == 100 and meta["params"]["seed"] == 3
-    md = pq.ParquetFile(tmp_path / "train" / "part-00000.parquet").metadata
+    md = pq.ParquetFile(tmp_path / "out" / "train" / "part-00000.parquet").metadata
     assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [40, 40, 20]
-    assert json.loads((tmp_path / "meta.json").read_text())["params"]["max_seq_len"] == 30
+    assert meta["params"]["max_seq_len"] == 30
+
+
+def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "a"), "--num-samples", "0"])
+    assert e.value.code == 2 and "num_samples >= 1" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["--out", str(tmp_path), "--num-samples", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("output error: ") and "notes.txt" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+TINY = SyntheticParams(num_samples=400, num_eval_samples=100, num_users=20, num_items=300, num_categories=30,
+                       num_clusters=5, max_seq_len=50, files=2, row_group_size=64, seed=1)
+
+
+class FailAfterFirstFile:
+    """Stands in for pq.ParquetWriter: the first file is written, opening the second raises."""
+
+    real = pq.ParquetWriter
+    opened = 0
+
+    def __new__(cls, *args, **kwargs):
+        FailAfterFirstFile.opened += 1
+        if FailAfterFirstFile.opened > 1:
+            raise RuntimeError("disk on fire")
+        return cls.real(*args, **kwargs)
+
+
+def test_failed_generation_keeps_the_previous_data_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    meta = generate(out, TINY)
+    before = {s: read_split(out, s) for s in ("train", "eval")}
+    FailAfterFirstFile.opened = 0
+    monkeypatch.setattr(pq, "ParquetWriter", FailAfterFirstFile)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        generate(out, SyntheticParams(**{**TINY.__dict__, "seed": 2}))
+    assert FailAfterFirstFile.opened == 2  # it did fail mid-way
+    monkeypatch.undo()
+    assert json.loads((out / "meta.json").read_text()) == meta
+    for split, cols in before.items():
+        after = read_split(out, split)
+        assert after.keys() == cols.keys() and all(np.array_equal(after[k], cols[k]) for k in cols)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the temporary folder is gone
+    cfg = DataConfig(schema=synthetic_schema(TINY), eval_paths=[str(out / "eval" / "*.parquet")], batch_size=32)
+    assert sum(int(b.valid.sum()) for b in eval_loader(cfg, 0, 1)) == 100
+    # a successful run replaces it
+    assert generate(out, SyntheticParams(**{**TINY.__dict__, "seed": 2}))["params"]["seed"] == 2
+    assert json.loads((out / "meta.json").read_text())["params"]["seed"] == 2
