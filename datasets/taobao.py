@@ -493,6 +493,14 @@ class _SplitWriter:
         return {"rows": self.rows, "positives": self.positives, "files": self.files}
 
 
+class _NoNegatives(Exception):
+    """Negative sampling gave up: some users have viewed (nearly) every item."""
+
+    def __init__(self, users: int) -> None:
+        super().__init__(users)
+        self.users = users
+
+
 def _sample_negatives(
     rng: np.random.Generator,
     owners: np.ndarray,
@@ -518,7 +526,7 @@ def _sample_negatives(
         seen = user_items[at] == keys
         out[todo[~seen]] = cand[~seen]
         todo = todo[seen]
-    raise RuntimeError(f"could not sample negatives outside the history of {len(todo)} users after 1000 rounds")
+    raise _NoNegatives(len(np.unique(owners[todo])))
 
 
 def _group_samples(
@@ -651,7 +659,8 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
 
     Raises:
         DataError: missing, empty or unreadable file; malformed row (file, line, column, expected value);
-            no pv rows; no user with ``min_pv`` pv events.
+            no pv rows; no user with ``min_pv`` pv events; users who viewed (nearly) every item, leaving
+            no negatives to sample.
         OutputError: ``out_dir`` holds something other than a previous conversion.
         ValueError: invalid ``params``.
     """
@@ -673,7 +682,13 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
             )
         writers = {s: _SplitWriter(tmp / s, p.row_group_size, p.rows_per_file) for s in _SPLITS}
         blocks = _merged_blocks(runs) if runs else _blocks(path, p.block_size)
-        kept_users = _pass2(blocks, stats, p, writers)
+        try:
+            kept_users = _pass2(blocks, stats, p, writers)
+        except _NoNegatives as e:
+            raise DataError(
+                f"{path}: no negatives for {e.users} users after 1000 draws each: they viewed (nearly) all "
+                f"{len(stats.items)} items; use more rows or fewer --negatives"
+            ) from None
         splits = {s: w.close() for s, w in writers.items()}
         if runs:
             shutil.rmtree(tmp / ".sort")

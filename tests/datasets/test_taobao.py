@@ -373,6 +373,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     binary.write_bytes(bytes(range(256)) * 40)
     latin = tmp_path / "latin1.csv"
     latin.write_bytes("\n".join(GOOD[:5] + ["1,caf\xe9,7,pv,1511000005"]).encode("latin-1"))
+    seen_all = write_csv(tmp_path, [f"{u},{100 + k},7,pv,{1511000000 + k}" for u in (1, 2) for k in range(60)], "seen.csv")
     few = write_csv(tmp_path, GOOD[:100], "few.csv")  # user 2 has 40 pv events, user 1 60: min_pv 61 keeps none
     return {
         "malformed line": (malformed, r"malformed\.csv: line 3: 4 fields"),
@@ -382,6 +383,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "folder": (folder, r"folder\.csv: is a folder"),
         "binary file": (binary, r"binary\.csv: line 1: 1 fields"),
         "not utf-8": (latin, r"latin1\.csv: cannot read as CSV from line 1 on: .*invalid UTF8"),
+        "no negatives": (seen_all, r"seen\.csv: no negatives for 2 users .* viewed \(nearly\) all 60 items"),
         "all users filtered": (few, r"few\.csv: no user has min_pv=61 pv events: all 2 users .* most active has 60"),
     }
 
@@ -389,7 +391,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize(
     "case",
     ["malformed line", "bad timestamp", "empty file", "missing file", "folder", "binary file", "not utf-8",
-     "all users filtered"],
+     "no negatives", "all users filtered"],
 )
 def test_cli_bad_input_is_one_line_and_exit_3(case: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path, message = bad_inputs(tmp_path)[case]
