@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from datasets.schema import IdPolicy, SchemaConfig
 
@@ -26,6 +27,8 @@ class DataConfig:
             (0 = keep all).
         drop_last: exact epochs: drop the last partial global batch (rows not read that epoch, reported)
             instead of padding it.
+        meta_path: a converter's meta.json: table sizes come from its ``table_sizes``
+            (:func:`datasets.meta.apply_table_sizes`); an id feature may then omit ``num_embeddings`` or set 0.
     """
 
     schema: SchemaConfig = field(default_factory=SchemaConfig)
@@ -38,3 +41,4 @@ class DataConfig:
     id_policy: IdPolicy = IdPolicy.error
     max_sequence_length: int = 0
     drop_last: bool = False
+    meta_path: Optional[str] = None
