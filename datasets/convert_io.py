@@ -49,7 +49,8 @@ def _check_replaceable(out: Path, entries: dict[str, str]) -> None:
         elif not child.is_dir():
             unexpected.append(child.name)
         else:
-            unexpected += [f"{child.name}/{f.name}" for f in sorted(child.iterdir()) if not (f.is_file() and f.match(kind))]
+            bad = [f for f in sorted(child.iterdir()) if not (f.is_file() and f.match(kind))]
+            unexpected += [f"{child.name}/{f.name}" for f in bad]
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise OutputError(

@@ -79,11 +79,13 @@ def test_sizes_from_the_synthetic_meta(synthetic: tuple[Path, dict]) -> None:
 
 def test_sizes_from_the_taobao_meta(tmp_path: Path) -> None:
     """Synthetic UserBehavior rows (3 users, 2 with >= 20 pv events) through the converter."""
-    rows = [f"{u},{10 + (k * 7 + 3 * u) % 200},{k % 4},pv,{1511000000 + k}" for u, n in ((5, 30), (9, 12), (2, 25)) for k in range(n)]
+    rows = [f"{u},{10 + (k * 7 + 3 * u) % 200},{k % 4},pv,{1511000000 + k}"
+            for u, n in ((5, 30), (9, 12), (2, 25)) for k in range(n)]
     (tmp_path / "ub.csv").write_text("\n".join(rows) + "\n")
     meta = convert(tmp_path / "ub.csv", tmp_path / "out", TaobaoParams(min_pv=20, train_targets=2, max_len=10))
     schema = apply_table_sizes(yaml_schema(user_id=4), tmp_path / "out" / "meta.json")  # 3 users + padding
-    assert schema.table_sizes() == {k: v for k, v in taobao_schema(meta).table_sizes().items() if k != "t_hist_behavior_type"}
+    want = taobao_schema(meta).table_sizes()
+    assert schema.table_sizes() == {k: v for k, v in want.items() if k != "t_hist_behavior_type"}
     assert schema.id_feature("hist_item_id").num_embeddings == len({r.split(",")[1] for r in rows}) + 1 == 56
 
 
@@ -110,8 +112,9 @@ def test_a_table_the_meta_does_not_have(synthetic: tuple[Path, dict]) -> None:
     out, _ = synthetic
     schema = yaml_schema()
     schema.id_features.append(IdFeature("hist_shop_id", 50, sequence=True))
-    with pytest.raises(ValueError, match=r"id feature hist_shop_id: table t_hist_shop_id is not in the table_sizes "
-                                         r"of .*meta\.json \(it has t_hist_behavior_type, t_item_category, t_item_id, t_user_id\)"):
+    match = (r"id feature hist_shop_id: table t_hist_shop_id is not in the table_sizes of .*meta\.json "
+             r"\(it has t_hist_behavior_type, t_item_category, t_item_id, t_user_id\)")
+    with pytest.raises(ValueError, match=match):
         apply_table_sizes(schema, out / "meta.json")
 
 
@@ -121,7 +124,8 @@ def test_a_table_the_meta_does_not_have(synthetic: tuple[Path, dict]) -> None:
         (None, r"data\.meta_path: .*nope\.json does not exist"),
         ("{not json", r"data\.meta_path: .*nope\.json is not JSON"),
         (json.dumps({"num_ids": {}}), r"data\.meta_path: .*nope\.json has no 'table_sizes' object"),
-        (json.dumps({"table_sizes": {"t_user_id": 0}}), r"table_sizes must be positive integers, got \{'t_user_id': 0\}"),
+        (json.dumps({"table_sizes": {"t_user_id": 0}}),
+         r"table_sizes must be positive integers, got \{'t_user_id': 0\}"),
     ],
 )
 def test_bad_meta_files(tmp_path: Path, content: str | None, match: str) -> None:

@@ -149,9 +149,9 @@ def test_reader_reads_synthetic_data(data: tuple[Path, dict]) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["--out", str(tmp_path / "out"), "--num-samples", "100", "--num-eval-samples", "20", "--num-users", "10",
-                 "--num-items", "200", "--num-categories", "20", "--max-seq-len", "30", "--files", "1",
-                 "--row-group-size", "40", "--seed", "3"])
+    code = main(["--out", str(tmp_path / "out"), "--num-samples", "100", "--num-eval-samples", "20",
+                 "--num-users", "10", "--num-items", "200", "--num-categories", "20", "--max-seq-len", "30",
+                 "--files", "1", "--row-group-size", "40", "--seed", "3"])
     assert code == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert json.loads(capsys.readouterr().out)["table_sizes"] == meta["table_sizes"]

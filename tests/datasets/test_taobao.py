@@ -373,7 +373,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     binary.write_bytes(bytes(range(256)) * 40)
     latin = tmp_path / "latin1.csv"
     latin.write_bytes("\n".join(GOOD[:5] + ["1,caf\xe9,7,pv,1511000005"]).encode("latin-1"))
-    seen_all = write_csv(tmp_path, [f"{u},{100 + k},7,pv,{1511000000 + k}" for u in (1, 2) for k in range(60)], "seen.csv")
+    both_see_all = [f"{u},{100 + k},7,pv,{1511000000 + k}" for u in (1, 2) for k in range(60)]
+    seen_all = write_csv(tmp_path, both_see_all, "seen.csv")
     few = write_csv(tmp_path, GOOD[:100], "few.csv")  # user 2 has 40 pv events, user 1 60: min_pv 61 keeps none
     return {
         "malformed line": (malformed, r"malformed\.csv: line 3: 4 fields"),
