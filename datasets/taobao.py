@@ -8,8 +8,8 @@ Row order. The converter works on the rows sorted by ``(user_id, timestamp)``, s
 equal timestamps keep their order in the file (that is what "file order" means below). A file already in
 that order (grouped by user, users in increasing id order, each user's rows time-ordered) is read as it is;
 any other file (a time-ordered slice, or a file grouped in another user order) is first sorted out of core
-into a temporary Arrow data set in the output's temporary folder (sorted runs of ``sort_rows`` rows, then a k-way merge),
-with memory bounded by ``sort_rows``. The output therefore depends on the rows only, never on how the file
+into a temporary Arrow data set in the output's temporary folder (sorted runs of ``sort_rows`` rows, then a
+k-way merge), with memory bounded by ``sort_rows``. The output therefore depends on the rows only, never on how the file
 lays them out (apart from the order of one user's rows with equal timestamps).
 
 Protocol (DARE, ``thuml/DARE`` ``preprocess/taobao_v4.py``):
