@@ -1,0 +1,128 @@
+"""Evaluation: run a split through the sharded model, gather the entry's rows from every rank, call its metric set;
+and the best-checkpoint rule.
+
+Every rank yields the same number of evaluation batches (the reader pads with invalid rows:
+:func:`datasets.reader.eval_batches`), so every rank runs the same number of forward passes (the sharded
+model's all-to-alls need it); this module asserts it rather than padding again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from datasets.config import DataConfig
+from datasets.reader import eval_batches, eval_loader
+from launch.metrics import METRIC_SETS, MetricOptions, gather_rows
+from models.base import TrainOutput
+
+
+def split_config(data: DataConfig, paths: Sequence[str]) -> DataConfig:
+    """The data config whose evaluation files are ``paths`` (the test split, say)."""
+    return replace(data, eval_paths=list(paths))
+
+
+def evaluate(
+    dmp: nn.Module,
+    data: DataConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    caps: Mapping[str, int],
+    metric_set: str,
+    task_names: Sequence[str],
+    options: MetricOptions,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """One pass over ``data.eval_paths`` on every rank; returns the metrics (the same on every rank) and this
+    rank's id fixes over the split (``[N_id]``).
+
+    Raises:
+        AssertionError: this rank yielded another number of batches than :func:`eval_batches` promises.
+    """
+    expected = eval_batches(data, world_size, caps)
+    fixes = torch.zeros(len(data.schema.id_features), dtype=torch.long)
+    rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "mask": []}
+    was_training = dmp.training
+    dmp.eval()
+    count = 0
+    with torch.no_grad():
+        for b in eval_loader(data, rank, world_size, sequence_caps=caps):
+            count += 1
+            fixes += b.id_fixes.cpu()
+            _, out = dmp(b.to(device))
+            assert isinstance(out, TrainOutput), f"the train module returned {type(out).__name__}, not TrainOutput"
+            keep = out.mask.any(dim=1)  # [N] rows some task counts
+            rows["logits"].append(out.logits[keep].float().cpu())
+            rows["labels"].append(out.labels[keep].float().cpu())
+            rows["groups"].append(out.groups[keep].long().cpu())
+            rows["mask"].append(out.mask[keep].cpu())
+    dmp.train(was_training)
+    assert count == expected, f"rank {rank} yielded {count} evaluation batches, the reader promised {expected}"
+    t = len(task_names)
+    empty = {"logits": (0, t), "labels": (0, t), "groups": (0,), "mask": (0, t)}
+    dtypes = {"logits": torch.float32, "labels": torch.float32, "groups": torch.long, "mask": torch.bool}
+    full = {}
+    for k, parts in rows.items():
+        local = torch.cat(parts) if parts else torch.zeros(empty[k], dtype=dtypes[k])
+        if k == "mask":  # gather as bytes (gloo has no bool all-gather)
+            full[k] = gather_rows(local.to(torch.uint8).to(device)).cpu().bool()
+        else:
+            full[k] = gather_rows(local.to(device)).cpu()
+    metrics = METRIC_SETS[metric_set](
+        full["logits"], full["labels"], full["groups"], list(task_names), mask=full["mask"], options=options
+    )
+    return metrics, fixes
+
+
+@dataclass
+class Best:
+    """The best evaluation so far by one metric (``value`` None until the first evaluation)."""
+
+    metric: str
+    mode: str  # "max" or "min"
+    value: Optional[float] = None
+    step: Optional[int] = None
+
+    def improves(self, metrics: Mapping[str, Any]) -> bool:
+        """Whether ``metrics[metric]`` beats the best so far (an undefined value never does).
+
+        Raises:
+            KeyError: the metric set has no such metric (the message lists the ones it has).
+        """
+        if self.metric not in metrics:
+            names = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            raise KeyError(f"eval.best_metric {self.metric!r} is not computed by this entry; it has {names}")
+        v = metrics[self.metric]
+        if v is None or not math.isfinite(float(v)):
+            return False
+        if self.value is None:
+            return True
+        return v > self.value if self.mode == "max" else v < self.value
+
+    def update(self, metrics: Mapping[str, Any], step: int) -> bool:
+        if not self.improves(metrics):
+            return False
+        self.value, self.step = float(metrics[self.metric]), step
+        return True
+
+    def state(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "value": self.value, "step": self.step}
+
+
+def sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+def max_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = t.to(device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.cpu()
