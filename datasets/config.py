@@ -15,7 +15,10 @@ class DataConfig:
     Attributes:
         schema: column roles, see :mod:`datasets.schema`.
         train_paths: files or glob patterns (sorted after expansion) of training parquet files.
-        eval_paths: files or glob patterns of evaluation parquet files.
+        eval_paths: files or glob patterns of evaluation parquet files (the validation split: mid-run
+            evaluations and the best checkpoint are chosen on it).
+        test_paths: files or glob patterns of the test split (empty: none); the best checkpoint is evaluated on
+            it at the end of the run (``metrics.json`` ``test``).
         batch_size: samples per batch and rank (training and evaluation).
         num_workers: DataLoader worker processes per rank; files' row groups are split across
             ``world_size * max(num_workers, 1)`` readers.
@@ -34,6 +37,7 @@ class DataConfig:
     schema: SchemaConfig = field(default_factory=SchemaConfig)
     train_paths: list[str] = field(default_factory=list)
     eval_paths: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)
     batch_size: int = 256
     num_workers: int = 0
     shuffle: bool = True

@@ -45,6 +45,8 @@ class CheckpointMeta:
             per id feature in schema order.
         data_position: what the step count means: the settings the training stream is a function of
             (batch size, seed, files, workers, truncation, ...). Resuming under different ones is refused.
+        best: the best validation so far (``metric``, ``mode``, ``value``, ``step``).
+        history: the validation metric at every evaluation so far (``[{"step": s, <metric>: v}, ...]``).
     """
 
     step: int
@@ -52,6 +54,8 @@ class CheckpointMeta:
     samples_seen: int
     id_fixes: Optional[list[int]] = None
     data_position: Optional[dict[str, Any]] = None
+    best: Optional[dict[str, Any]] = None
+    history: Optional[list[dict[str, Any]]] = None
 
 
 def _barrier() -> None:
@@ -128,13 +132,30 @@ def _write_latest(ckpt_dir: Path, name: str) -> None:
 
 
 def latest(ckpt_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint, or None."""
+    """The newest complete checkpoint, or None.
+
+    Raises:
+        RuntimeError: ``latest`` is unreadable or names a directory that is not a complete checkpoint.
+    """
     pointer = ckpt_dir / LATEST
+    if pointer.exists() and not pointer.is_file():
+        raise RuntimeError(f"{pointer} is not a file (it should hold the name of the newest checkpoint)")
     if not pointer.is_file():
         return None
-    path = ckpt_dir / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise RuntimeError(f"{pointer} names {path.name}, which is not a complete checkpoint (no meta.json)")
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{pointer}: cannot be read ({e})") from None
+    path = ckpt_dir / name
+    if not name or not (path / "meta.json").is_file():
+        raise RuntimeError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint (no {name}/meta.json): remove"
+            f" {pointer} to start afresh, or point it at a complete step_* directory"
+        )
+    try:
+        read_meta(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise RuntimeError(f"{path / 'meta.json'}: not a valid checkpoint description ({e})") from None
     return path
 
 
@@ -162,6 +183,11 @@ def check_compatible(
         f"{path} was trained on a different data stream ({details}): resuming would replay the wrong batches;"
         " start a new run_dir or restore those settings"
     )
+
+
+def load_model(path: Path, state: dict[str, Any]) -> None:
+    """Loads only ``state["model"]`` from a checkpoint (e.g. the best one, for the test split); RNG untouched."""
+    dcp.load(state, checkpoint_id=str(path))
 
 
 def load(path: Path, state: dict[str, Any], data_position: Optional[dict[str, Any]] = None) -> CheckpointMeta:

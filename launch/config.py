@@ -12,32 +12,20 @@ overrides (``key.sub=value``) are merged last. Unknown keys are errors listing t
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from datasets.config import DataConfig
+from datasets.meta import apply_table_sizes
+from launch.optim import DenseOptimizer, OptimConfig, SparseOptimizer, check_support  # noqa: F401 (re-exported)
 from launch.sharding import ShardingConfig
 from models.registry import ModelSpec, get_spec
-
-
-class SparseOptimizer(enum.Enum):
-    """Fused (in-backward) optimizers for embedding tables."""
-
-    sgd = "sgd"
-    adagrad = "adagrad"
-    rowwise_adagrad = "rowwise_adagrad"
-    adam = "adam"
-
-
-class DenseOptimizer(enum.Enum):
-    sgd = "sgd"
-    adagrad = "adagrad"
-    adam = "adam"
 
 
 class Device(enum.Enum):
@@ -46,31 +34,17 @@ class Device(enum.Enum):
 
 
 @dataclass
-class OptimConfig:
-    """Optimizers: a fused sparse optimizer applied in backward to every embedding table, a dense one for the rest.
-
-    Attributes:
-        sparse: fused optimizer of the embedding tables.
-        sparse_lr: its learning rate.
-        dense: optimizer of the dense parameters.
-        dense_lr: its learning rate.
-        weight_decay: dense weight decay.
-    """
-
-    sparse: SparseOptimizer = SparseOptimizer.adagrad
-    sparse_lr: float = 0.05
-    dense: DenseOptimizer = DenseOptimizer.adam
-    dense_lr: float = 1e-3
-    weight_decay: float = 0.0
-
-
-@dataclass
 class TrainConfig:
     """The training loop.
 
     Attributes:
-        max_steps: optimizer steps (every rank takes the same number).
-        eval_every: evaluate every this many steps (0: only at the end; the end always evaluates).
+        max_steps: optimizer steps (every rank takes the same number) when ``epochs`` is 0.
+        epochs: train this many exact epochs instead (every training row read once per epoch on any number of
+            ranks: ``datasets.reader.steps_per_epoch``; ``data.drop_last`` drops or pads the last partial batch).
+        eval_every: evaluate the validation split every this many steps (0: only at the end; the end always
+            evaluates).
+        evals_per_epoch: with ``epochs``, also evaluate this many times per epoch, evenly spaced (the official
+            DARE protocol validates 4 times per epoch).
         checkpoint_every: write a checkpoint every this many steps (0: only at the end when ``checkpoint_at_end``).
         checkpoint_at_end: write a checkpoint after the last step.
         keep_checkpoints: complete checkpoints kept in ``<run_dir>/checkpoints`` (older ones are deleted).
@@ -83,7 +57,9 @@ class TrainConfig:
     """
 
     max_steps: int = 100
+    epochs: int = 0
     eval_every: int = 0
+    evals_per_epoch: int = 0
     checkpoint_every: int = 0
     checkpoint_at_end: bool = True
     keep_checkpoints: int = 2
@@ -92,6 +68,25 @@ class TrainConfig:
     seed: int = 0
     device: Device = Device.cpu
     progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and the best checkpoint.
+
+    Attributes:
+        best_metric: the validation metric that picks the best checkpoint (None: the entry's
+            ``ModelSpec.select_metric``, ``auc`` for CTR entries).
+        best_mode: ``max``, ``min`` or ``auto`` (``min`` for metrics named ``*loss*``, else ``max``).
+        keep_best: write the best checkpoint to ``<run_dir>/best`` whenever validation improves; the test split
+            (``data.test_paths``) is evaluated on it at the end.
+        ks: cut-offs K of Recall@K and NDCG@K (the ``ranking`` metric set).
+    """
+
+    best_metric: Optional[str] = None
+    best_mode: str = "auto"
+    keep_best: bool = True
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
 @dataclass
@@ -104,6 +99,7 @@ class ExperimentConfig:
         data: the data section.
         train: the training loop.
         optim: optimizers.
+        eval: evaluation metrics and the best checkpoint.
         sharding: sharding constraints and plan reuse.
     """
 
@@ -112,6 +108,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
 
 
@@ -205,6 +202,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
         raise ConfigError(f"{path}: {e}") from None
     assert isinstance(cfg, ExperimentConfig)
     try:
+        cfg.data.schema = apply_table_sizes(cfg.data.schema, cfg.data.meta_path)
         cfg.data.schema.validate()
     except ValueError as e:
         raise ConfigError(f"{path}: data.schema: {e}") from None
@@ -226,11 +224,28 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
         train_module = spec.build_train_module(model, cfg.model)
     except (ValueError, KeyError) as e:
         raise ConfigError(f"model ({spec.name}) does not fit data.schema: {e}") from None
+    tables = embedding_tables(train_module)
     try:
         cfg.sharding.validate()
-        merge_constraints(spec.default_constraints(cfg.model, schema), cfg.sharding, embedding_tables(train_module))
+        merge_constraints(spec.default_constraints(cfg.model, schema), cfg.sharding, tables)
     except ValueError as e:
         raise ConfigError(f"sharding: {e}") from None
+    try:
+        check_support(cfg.optim, tables, cfg.train.device.value)
+    except ValueError as e:
+        raise ConfigError(f"optim: {e}") from None
+    if cfg.train.device == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but torch sees no CUDA device on this host; use train.device=cpu")
+    if cfg.eval.best_mode not in ("auto", "max", "min"):
+        raise ConfigError(f"eval.best_mode must be auto, max or min, got {cfg.eval.best_mode!r}")
+    from launch.metrics import METRIC_SETS, MetricOptions
+
+    if spec.metrics not in METRIC_SETS:
+        raise ConfigError(f"model ({spec.name}) names metric set {spec.metrics!r}; known: {sorted(METRIC_SETS)}")
+    try:
+        MetricOptions(ks=list(cfg.eval.ks))
+    except ValueError as e:
+        raise ConfigError(f"eval.ks: {e}") from None
     groups = schema.sequence_groups()
     try:
         caps = spec.sequence_caps(cfg.model, schema)
@@ -242,6 +257,7 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     t, d = cfg.train, cfg.data
     checks = [
         ("train.max_steps", t.max_steps, 1), ("train.log_every", t.log_every, 1),
+        ("train.epochs", t.epochs, 0), ("train.evals_per_epoch", t.evals_per_epoch, 0),
         ("train.keep_checkpoints", t.keep_checkpoints, 1), ("train.eval_every", t.eval_every, 0),
         ("train.checkpoint_every", t.checkpoint_every, 0), ("data.batch_size", d.batch_size, 1),
         ("data.num_workers", d.num_workers, 0), ("data.max_sequence_length", d.max_sequence_length, 0),
@@ -251,6 +267,20 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
     if not d.train_paths or not d.eval_paths:
         raise ConfigError("data.train_paths and data.eval_paths must each name at least one file or pattern")
+    if t.evals_per_epoch and not t.epochs:
+        raise ConfigError("train.evals_per_epoch needs train.epochs > 0 (with max_steps use train.eval_every)")
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} exists and is not a directory")
+    plan_path = cfg.sharding.plan_path
+    if plan_path:
+        p = Path(plan_path)
+        if not p.is_file():
+            raise ConfigError(f"sharding.plan_path {p}: no such file (a plan.json written by an earlier run)")
+        try:
+            json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"sharding.plan_path {p}: not a readable plan JSON ({e})") from None
 
 
 def dump_config(resolved: DictConfig) -> str:

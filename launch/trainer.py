@@ -1,11 +1,13 @@
-"""The distributed training loop: meta-device model -> plan -> DMP -> TrainPipelineSparseDist.
+"""The distributed training loop: meta-device model -> plan -> DMP -> TrainPipelineSparseDist, in phases.
 
-Only this package reads the process environment; :func:`run` gets everything else from the config.
+:class:`Trainer` runs ``build`` (model, optimizers, plan, DMP), ``restore`` (the newest checkpoint),
+``train_segment`` (steps up to the next evaluation), ``evaluate`` (a split, the entry's metric set),
+``checkpoint`` (latest and best) and ``report`` (``metrics.json``). Only :mod:`launch.train` reads the process
+environment; the trainer gets everything else from the config.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import math
@@ -13,26 +15,23 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
-from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim import RowWiseAdagrad
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
 from datasets.batch import Batch
-from datasets.reader import eval_loader, expand_paths, train_loader
+from datasets.reader import expand_paths, steps_per_epoch, train_loader
 from launch import checkpoint, sharding
-from launch.config import ConfigError, DenseOptimizer, Device, ExperimentConfig, OptimConfig, SparseOptimizer, dump_config
-from launch.metrics import ctr_metrics, gather_rows
+from launch.config import ConfigError, Device, ExperimentConfig, dump_config
+from launch.evaluation import Best, evaluate, max_ranks, split_config, sum_ranks
+from launch.metrics import MetricOptions
+from launch.optim import apply_sparse_optimizers, build_optimizer
+from models.base import TrainOutput
 from models.registry import ModelSpec
 
 
@@ -50,145 +49,60 @@ def device_for(cfg_device: Device, env: DistEnv) -> torch.device:
     if cfg_device == Device.cpu:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+        raise ConfigError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 
 
-def apply_sparse_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
-    """Fuses the sparse optimizer into the embedding tables' backward (torchrec's in-backward optimizer)."""
-    params = sharding.embedding_parameters(model)
-    if not params:
-        return
-    table: dict[SparseOptimizer, tuple[type, dict[str, Any]]] = {
-        SparseOptimizer.sgd: (torch.optim.SGD, {"lr": cfg.sparse_lr}),
-        SparseOptimizer.adagrad: (torch.optim.Adagrad, {"lr": cfg.sparse_lr, "eps": 1e-8}),
-        SparseOptimizer.rowwise_adagrad: (RowWiseAdagrad, {"lr": cfg.sparse_lr, "eps": 1e-8}),
-        SparseOptimizer.adam: (torch.optim.Adam, {"lr": cfg.sparse_lr}),
-    }
-    cls, kwargs = table[cfg.sparse]
-    apply_optimizer_in_backward(cls, params, kwargs)
+class IdFixCounter:
+    """Ids the reader rewrote (hash / clip policies), per id feature, in the batches this rank trained on.
 
-
-def build_optimizer(dmp: DistributedModelParallel, cfg: OptimConfig) -> tuple[CombinedOptimizer, KeyedOptimizerWrapper]:
-    """The fused sparse optimizer (already inside DMP) combined with the dense one; returns (combined, dense)."""
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    table = {
-        DenseOptimizer.sgd: lambda ps: torch.optim.SGD(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
-        DenseOptimizer.adagrad: lambda ps: torch.optim.Adagrad(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
-        DenseOptimizer.adam: lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, weight_decay=cfg.weight_decay),
-    }
-    dense = KeyedOptimizerWrapper(dense_params, table[cfg.dense])
-    return CombinedOptimizer([dmp.fused_optimizer, dense]), dense
-
-
-class _CountingIterator:
-    """Passes batches through, remembering each one's id fixes (in order) and the last batch (a template).
-
-    The training pipeline fetches up to two batches ahead of the step it trains, so fixes are only counted
-    (:meth:`count_next`) once their batch has been trained on.
+    The training pipeline fetches batches ahead of the step it trains: :meth:`fetched` queues a batch's
+    fixes, :meth:`trained` counts the oldest queued one. The checkpointed state is the sum over ranks
+    (:meth:`state_dict` is collective); it is carried on rank 0 after a restore.
     """
 
-    def __init__(self, it: Iterator[Batch]) -> None:
+    def __init__(self, features: list[str]) -> None:
+        self.features = features
+        self.total = torch.zeros(len(features), dtype=torch.long)
+        self._pending: deque[torch.Tensor] = deque()
+
+    def fetched(self, batch: Batch) -> None:
+        self._pending.append(batch.id_fixes.cpu())
+
+    def trained(self) -> None:
+        self.total += self._pending.popleft()
+
+    def reset_pending(self) -> None:
+        self._pending.clear()
+
+    def state_dict(self, device: torch.device) -> dict[str, list[int]]:
+        return {"id_fixes": sum_ranks(self.total.clone(), device).tolist()}
+
+    def load_state_dict(self, state: Optional[list[int]], is_main: bool) -> None:
+        if state is not None and is_main:
+            self.total += torch.tensor(state, dtype=torch.long)
+
+    def by_feature(self, device: torch.device) -> dict[str, int]:
+        return {f: int(n) for f, n in zip(self.features, sum_ranks(self.total.clone(), device))}
+
+
+class _Counting:
+    """Passes batches through, queueing each one's id fixes and keeping the last (a shape template)."""
+
+    def __init__(self, it: Iterator[Batch], fixes: IdFixCounter) -> None:
         self._it = it
-        self.pending: deque[torch.Tensor] = deque()
+        self._fixes = fixes
         self.last: Optional[Batch] = None
 
-    def __iter__(self) -> "_CountingIterator":
+    def __iter__(self) -> "_Counting":
         return self
 
     def __next__(self) -> Batch:
         b = next(self._it)
-        self.pending.append(b.id_fixes.cpu())
+        self._fixes.fetched(b)
         self.last = b
         return b
-
-    def count_next(self) -> torch.Tensor:
-        """The fixes of the oldest fetched batch not yet counted."""
-        return self.pending.popleft()
-
-
-def _invalid_copy(b: Batch) -> Batch:
-    """The same batch with every row marked as padding (for ranks that ran out of evaluation data)."""
-    return dataclasses.replace(
-        b, weights=torch.zeros_like(b.weights), valid=torch.zeros_like(b.valid), id_fixes=torch.zeros_like(b.id_fixes)
-    )
-
-
-def evaluate(
-    dmp: nn.Module,
-    cfg: ExperimentConfig,
-    env: DistEnv,
-    device: torch.device,
-    template: Batch,
-    caps: Mapping[str, int],
-) -> tuple[dict[str, float], torch.Tensor]:
-    """Runs the whole evaluation set through the sharded model; every rank takes the same number of steps.
-
-    Returns:
-        The metrics (identical on every rank) and this rank's id fixes over the evaluation set.
-    """
-    batches = iter(eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps))
-    fixes = torch.zeros(len(cfg.data.schema.id_features), dtype=torch.long)
-    logits, labels, groups = [], [], []
-    was_training = dmp.training
-    dmp.eval()
-    last = template
-    with torch.no_grad():
-        while True:
-            b = next(batches, None)
-            more = torch.tensor([0 if b is None else 1], dtype=torch.long)
-            if dist.is_initialized():
-                dist.all_reduce(more, op=dist.ReduceOp.MAX)
-            if int(more) == 0:
-                break
-            if b is None:
-                b = _invalid_copy(last)
-            else:
-                fixes += b.id_fixes.cpu()
-            last = b
-            b = b.to(device)
-            _, (_, out_logits, out_labels) = dmp(b)
-            v = b.valid
-            logits.append(out_logits[v].float().cpu())
-            labels.append(out_labels[v].float().cpu())
-            groups.append(b.group_ids[v].cpu())
-    dmp.train(was_training)
-    n_tasks = len(cfg.data.schema.labels)
-    cat = lambda xs, shape: torch.cat(xs) if xs else torch.zeros(shape)  # noqa: E731
-    all_logits = gather_rows(cat(logits, (0, n_tasks)).to(device)).cpu()
-    all_labels = gather_rows(cat(labels, (0, n_tasks)).to(device)).cpu()
-    all_groups = gather_rows(cat(groups, (0,)).long().to(device)).cpu()
-    return ctr_metrics(all_logits, all_labels, all_groups, list(cfg.data.schema.labels)), fixes
-
-
-def data_position(cfg: ExperimentConfig, caps: Mapping[str, int]) -> dict[str, Any]:
-    """The settings the training stream is a function of (besides rank and world size): a step count means the
-    same batches only under the same ones."""
-    d = cfg.data
-    return {
-        "train_files": expand_paths(d.train_paths),
-        "batch_size": d.batch_size,
-        "seed": d.seed,
-        "shuffle": d.shuffle,
-        "num_workers": d.num_workers,
-        "max_sequence_length": d.max_sequence_length,
-        "sequence_caps": dict(sorted(caps.items())),
-    }
-
-
-def _sum_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = t.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.cpu()
-
-
-def _max_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    t = t.to(device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.cpu()
 
 
 def _json_safe(x: Any) -> Any:
@@ -197,166 +111,320 @@ def _json_safe(x: Any) -> Any:
         return None
     if isinstance(x, dict):
         return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
     return x
 
 
-def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistEnv) -> dict[str, Any]:
-    """Trains and evaluates one experiment; returns the metrics (the same dict on every rank).
+def total_steps(cfg: ExperimentConfig, world_size: int) -> int:
+    """The run's optimizer steps: ``epochs * steps_per_epoch`` with ``train.epochs``, else ``train.max_steps``."""
+    if cfg.train.epochs:
+        return cfg.train.epochs * steps_per_epoch(cfg.data, world_size)
+    return cfg.train.max_steps
 
-    The process group must already be initialised (a world of one for a plain single-process run).
-    """
-    device = device_for(cfg.train.device, env)
-    run_dir = Path(cfg.run_dir)
-    is_main = env.rank == 0
-    schema = cfg.data.schema
-    caps = dict(spec.sequence_caps(cfg.model, schema))
-    position = data_position(cfg, caps)
-    ckpt_dir = run_dir / "checkpoints"
-    found = checkpoint.latest(ckpt_dir)
-    if found is not None and not cfg.train.resume:
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints (latest: {found.name}) and train.resume=false: use a new run_dir"
-            " (or delete its checkpoints) rather than mixing two runs' checkpoints"
-        )
-    step = 0
-    if found is not None:
-        meta = checkpoint.read_meta(found)
-        try:  # before anything is written
-            checkpoint.check_compatible(found, meta, env.world_size, position)
+
+def eval_points(cfg: ExperimentConfig, world_size: int, total: int) -> list[int]:
+    """Steps after which the validation split is evaluated (the last step always is)."""
+    points = {total}
+    if cfg.train.eval_every:
+        points.update(range(cfg.train.eval_every, total, cfg.train.eval_every))
+    if cfg.train.evals_per_epoch and cfg.train.epochs:
+        spe = steps_per_epoch(cfg.data, world_size)
+        for e in range(cfg.train.epochs):
+            for k in range(1, cfg.train.evals_per_epoch + 1):
+                points.add(e * spe + max(1, round(k * spe / cfg.train.evals_per_epoch)))
+    return sorted(p for p in points if 0 < p <= total)
+
+
+class Trainer:
+    """One experiment on this rank; the process group must already exist (a world of one for a plain run)."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistEnv) -> None:
+        self.cfg, self.spec, self.resolved, self.env = cfg, spec, resolved, env
+        self.device = device_for(cfg.train.device, env)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.best_dir = self.run_dir / "best"
+        self.is_main = env.rank == 0
+        self.schema = cfg.data.schema
+        self.caps = dict(spec.sequence_caps(cfg.model, self.schema))
+        self.total = total_steps(cfg, env.world_size)
+        self.points = eval_points(cfg, env.world_size, self.total)
+        self.position = self.data_position()
+        self.options = MetricOptions(ks=list(cfg.eval.ks))
+        self.tasks = self._task_names()
+        metric = cfg.eval.best_metric or spec.select_metric
+        mode = cfg.eval.best_mode if cfg.eval.best_mode != "auto" else ("min" if "loss" in metric else "max")
+        self.best = Best(metric, mode)
+        self.fixes = IdFixCounter([f.name for f in self.schema.id_features])
+        self.step = 0
+        self.steps_run = 0
+        self.train_time = 0.0
+        self.losses: list[float] = []
+        self.history: list[dict[str, Any]] = []
+        self.writer: Optional[SummaryWriter] = None
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    def _task_names(self) -> list[str]:
+        if self.spec.metrics == "ranking" and not self.schema.labels:
+            return [f.name for f in self.schema.sequence_labels]
+        return list(self.schema.labels) or [f.name for f in self.schema.sequence_labels]
+
+    def data_position(self) -> dict[str, Any]:
+        """The settings the training stream is a function of (besides rank and world size): a step count means
+        the same batches only under the same ones."""
+        d = self.cfg.data
+        return {
+            "train_files": expand_paths(d.train_paths),
+            "batch_size": d.batch_size,
+            "seed": d.seed,
+            "shuffle": d.shuffle,
+            "num_workers": d.num_workers,
+            "max_sequence_length": d.max_sequence_length,
+            "sequence_caps": dict(sorted(self.caps.items())),
+            **({"epochs": self.cfg.train.epochs, "drop_last": d.drop_last} if self.cfg.train.epochs else {}),
+        }
+
+    def check_resumable(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: a fresh run); refuses another run's checkpoints before writing."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"run_dir {self.run_dir} exists and is not a directory")
+        try:
+            found = checkpoint.latest(self.ckpt_dir)
         except RuntimeError as e:
             raise ConfigError(str(e)) from None
-        step = meta.step
-    # Open every evaluation file now (footers and columns only), not after all of training.
-    eval_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(resolved))
-    torch.manual_seed(cfg.train.seed)
+        if found is not None and not self.cfg.train.resume:
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints (latest: {found.name}) and train.resume=false: use a new"
+                " run_dir (or delete its checkpoints) rather than mixing two runs' checkpoints"
+            )
+        if found is not None:
+            meta = checkpoint.read_meta(found)
+            try:
+                checkpoint.check_compatible(found, meta, self.env.world_size, self.position)
+            except RuntimeError as e:
+                raise ConfigError(str(e)) from None
+        return found
 
-    model = spec.build(cfg.model, schema, torch.device("meta"))
-    train_module = spec.build_train_module(model, cfg.model)
-    apply_sparse_optimizer(train_module, cfg.optim)
-    sharders = sharding.build_sharders()
-    topology = sharding.build_topology(env.world_size, env.local_world_size, device, cfg.sharding)
-    pg = dist.GroupMember.WORLD if dist.is_initialized() else None
-    plan = sharding.plan(train_module, cfg.sharding, spec.default_constraints(cfg.model, schema), topology, sharders, pg)
-    torch.manual_seed(cfg.train.seed + env.rank)  # per-rank table initialisation
-    dmp = sharding.shard_model(train_module, plan, sharders, device)
-    plan_text = sharding.plan_table(plan, dmp)
-    if is_main:
-        sharding.write_plan(run_dir, plan, plan_text)
-    optimizer, dense_optimizer = build_optimizer(dmp, cfg.optim)
+    def build(self) -> None:
+        """Model on meta, fused sparse optimizers, plan, DMP, dense optimizers."""
+        cfg, spec = self.cfg, self.spec
+        torch.manual_seed(cfg.train.seed)
+        model = spec.build(cfg.model, self.schema, torch.device("meta"))
+        train_module = spec.build_train_module(model, cfg.model)
+        apply_sparse_optimizers(train_module, cfg.optim)
+        sharders = sharding.build_sharders()
+        topology = sharding.build_topology(self.env.world_size, self.env.local_world_size, self.device, cfg.sharding)
+        pg = dist.GroupMember.WORLD if dist.is_initialized() else None
+        constraints = spec.default_constraints(cfg.model, self.schema)
+        try:
+            self.plan = sharding.plan(train_module, cfg.sharding, constraints, topology, sharders, pg)
+        except ValueError as e:  # a plan file that does not fit the model or the world, an unknown table
+            raise ConfigError(f"sharding: {e}") from None
+        torch.manual_seed(cfg.train.seed + self.env.rank)  # per-rank table initialisation
+        self.dmp = sharding.shard_model(train_module, self.plan, sharders, self.device)
+        self.plan_text = sharding.plan_table(self.plan, self.dmp)
+        if self.is_main:
+            sharding.write_plan(self.run_dir, self.plan, self.plan_text)
+        self.optimizer, self.dense_optimizers = build_optimizer(self.dmp, cfg.optim)
 
-    n_id = len(schema.id_features)
-    train_fixes = torch.zeros(n_id, dtype=torch.long)  # this rank's, over trained batches
-    if found is not None:
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def restore(self, found: Optional[Path]) -> None:
+        """Loads the newest checkpoint in place (weights, optimizer state, RNG, step, best, id fixes)."""
+        if found is None:
+            torch.manual_seed(self.cfg.train.seed * 1000 + self.env.rank + 1)  # dropout stream of this rank
+            return
         # Dense optimizer state is created lazily at the first step: create it (a zero-gradient step) so that
         # the checkpoint's state can be loaded into it in place; the load then overwrites it and the weights.
-        dense_optimizer.init_state()
-        dense_optimizer.zero_grad(set_to_none=True)
-        state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-        meta = checkpoint.load(found, state, position)  # also restores this rank's RNG state
-        dmp.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-        if is_main:  # the checkpoint holds the sum over ranks: carry it on rank 0 only
-            train_fixes += torch.tensor(meta.id_fixes or [0] * n_id, dtype=torch.long)
-            print(f"[train] resumed from {found} at step {step}", flush=True)
-    else:
-        torch.manual_seed(cfg.train.seed * 1000 + env.rank + 1)  # dropout stream of this rank
+        for opt in self.dense_optimizers:
+            opt.init_state()
+            opt.zero_grad(set_to_none=True)
+        state = self._state()
+        meta = checkpoint.load(found, state, self.position)  # also restores this rank's RNG state
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.step = meta.step
+        self.fixes.load_state_dict(meta.id_fixes, self.is_main)
+        if meta.best:
+            self.best.value, self.best.step = meta.best.get("value"), meta.best.get("step")
+        self.history = list(meta.history or [])
+        if self.is_main:
+            print(f"[train] resumed from {found} at step {self.step}", flush=True)
 
-    writer = SummaryWriter(str(run_dir / "tb")) if is_main else None
-    if writer is not None:
-        writer.add_text("sharding_plan", "```\n" + plan_text + "\n```", step)
+    def checkpoint(self, best: bool = False) -> None:
+        """Writes the latest checkpoint (collective), or the best one into ``<run_dir>/best``."""
+        gbs = self.cfg.data.batch_size * self.env.world_size
+        meta = checkpoint.CheckpointMeta(
+            self.step, self.env.world_size, self.step * gbs, self.fixes.state_dict(self.device)["id_fixes"],
+            self.position, best=self.best.state(), history=self.history,
+        )
+        if best:
+            checkpoint.save(self.best_dir, self.step, {"model": self.dmp.state_dict()}, meta, keep=1)
+        else:
+            checkpoint.save(self.ckpt_dir, self.step, self._state(), meta, self.cfg.train.keep_checkpoints)
 
-    def save_checkpoint(at: int) -> None:
-        state = {"model": dmp.state_dict(), "optim": optimizer.state_dict()}
-        fixes = _sum_ranks(train_fixes.clone(), device)
-        gbs = cfg.data.batch_size * env.world_size
-        meta = checkpoint.CheckpointMeta(at, env.world_size, at * gbs, fixes.tolist(), position)
-        checkpoint.save(ckpt_dir, at, state, meta, cfg.train.keep_checkpoints)
+    def train_segment(self, end: int, bar: tqdm) -> None:
+        """Trains from ``self.step`` to ``end``.
 
-    def log_eval(m: dict[str, float], at: int) -> None:
-        if writer is not None:
-            for k in ("auc", "gauc", "logloss"):
-                writer.add_scalar(f"eval/{k}", m[k], at)
-
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not (is_main and cfg.train.progress_bar), desc="train")
-    train_time = 0.0
-    steps_run = 0
-    losses: list[float] = []
-    template: Optional[Batch] = None
-    dmp.train()
-    while step < cfg.train.max_steps:
-        # One segment runs up to the next evaluation (or the end). Its stream holds exactly the segment's
-        # batches, so the pipeline, which reads two batches ahead, never reads (or fails on) a batch it will not
-        # train on; after an evaluation the pipeline and stream are rebuilt from the step count, which is exact
-        # because the stream is a pure function of it (torchrec's pipeline cannot be re-attached over batches
-        # whose input distribution already ran).
-        every = cfg.train.eval_every
-        end = min(cfg.train.max_steps, (step // every + 1) * every) if every else cfg.train.max_steps
-        loader = train_loader(cfg.data, env.rank, env.world_size, start_step=step, sequence_caps=caps)
-        stream = _CountingIterator(itertools.islice(iter(loader), end - step))
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=True)
-        while step < end:
+        The segment's stream holds exactly its batches, so the pipeline, which reads two batches ahead, never
+        reads (or fails on) a batch it will not train on; after an evaluation the pipeline and stream are rebuilt
+        from the step count, which is exact because the stream is a pure function of it.
+        """
+        cfg = self.cfg
+        epochs = cfg.train.epochs or None
+        loader = train_loader(cfg.data, self.env.rank, self.env.world_size, start_step=self.step,
+                              sequence_caps=self.caps, epochs=epochs)
+        stream = _Counting(itertools.islice(iter(loader), end - self.step), self.fixes)
+        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
+        self.dmp.train()
+        while self.step < end:
             t0 = time.perf_counter()
-            loss, _, _ = pipeline.progress(stream)
-            loss_value = float(loss)
-            train_time += time.perf_counter() - t0
-            train_fixes += stream.count_next()
-            step += 1
-            steps_run += 1
+            out = pipeline.progress(stream)
+            loss_value = float(out.loss)
+            self.train_time += time.perf_counter() - t0
+            self.fixes.trained()
+            self.step += 1
+            self.steps_run += 1
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"loss is {loss_value} at step {step}")
-            losses.append(loss_value)
+                raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
+            self.losses.append(loss_value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-            if writer is not None and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
-                writer.add_scalar("train/loss", loss_value, step)
-                samples_per_s = cfg.data.batch_size * env.world_size * steps_run / max(train_time, 1e-9)
-                writer.add_scalar("train/samples_per_s", samples_per_s, step)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-                save_checkpoint(step)
+            self._log_train(out, loss_value)
+            every = cfg.train.checkpoint_every
+            if every and self.step % every == 0 and self.step < self.total:
+                self.checkpoint()
         pipeline.detach()
-        template = stream.last or template
-        if step < cfg.train.max_steps:  # a mid-run evaluation
-            m, _ = evaluate(dmp, cfg, env, device, template, caps)
-            log_eval(m, step)
-            dmp.train()
-    bar.close()
-    if cfg.train.checkpoint_at_end and steps_run > 0:
-        save_checkpoint(step)
-    if template is None:  # resumed at max_steps: fetch one batch as the shape template for padding
-        template = next(iter(train_loader(cfg.data, env.rank, env.world_size, sequence_caps=caps)))
-    eval_metrics, eval_fixes = evaluate(dmp, cfg, env, device, template, caps)
-    log_eval(eval_metrics, step)
+        self.fixes.reset_pending()
 
-    global_bs = cfg.data.batch_size * env.world_size
-    t = _max_ranks(torch.tensor([train_time], dtype=torch.float64), device)
-    train_total = _sum_ranks(train_fixes, device)
-    eval_total = _sum_ranks(eval_fixes, device)
-    metrics: dict[str, Any] = {
-        "model": spec.name,
-        "auc": eval_metrics["auc"],
-        "gauc": eval_metrics["gauc"],
-        "logloss": eval_metrics["logloss"],
-        "samples_per_s": global_bs * steps_run / float(t) if steps_run else float("nan"),
-        "steps": step,
-        "steps_this_run": steps_run,
-        "world_size": env.world_size,
-        "final_train_loss": losses[-1] if losses else float("nan"),
-        "first_train_loss_this_run": losses[0] if losses else float("nan"),
-        "eval": eval_metrics,
-        "id_policy": cfg.data.id_policy.value,
-        # ids the reader rewrote (hash / clip policies) in trained batches over the whole run, and in evaluation
-        "id_fixes": {f.name: int(n) for f, n in zip(schema.id_features, train_total)},
-        "id_fixes_eval": {f.name: int(n) for f, n in zip(schema.id_features, eval_total)},
-        "run_dir": str(run_dir.resolve()),
-    }
-    metrics = _json_safe(metrics)
-    if writer is not None:
-        if steps_run:
-            writer.add_scalar("train/samples_per_s", metrics["samples_per_s"], step)
-        writer.close()
-    if is_main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return metrics
+    def _log_train(self, out: TrainOutput, loss_value: float) -> None:
+        if self.writer is None or not (self.step % self.cfg.train.log_every == 0 or self.step == self.total):
+            return
+        self.writer.add_scalar("train/loss", loss_value, self.step)
+        for name, v in out.loss_parts.items():
+            self.writer.add_scalar(f"train/{name}", float(v), self.step)
+        sps = self.cfg.data.batch_size * self.env.world_size * self.steps_run / max(self.train_time, 1e-9)
+        self.writer.add_scalar("train/samples_per_s", sps, self.step)
+
+    def evaluate(self, paths: Optional[list[str]] = None) -> tuple[dict[str, Any], torch.Tensor]:
+        """Evaluates the validation split (or ``paths``) with the entry's metric set."""
+        data = self.cfg.data if paths is None else split_config(self.cfg.data, paths)
+        return evaluate(self.dmp, data, self.env.rank, self.env.world_size, self.device, self.caps,
+                        self.spec.metrics, self.tasks, self.options)
+
+    def _log_eval(self, prefix: str, m: dict[str, Any]) -> None:
+        for note in m.get("notes", []):
+            if self.is_main:
+                print(f"[{prefix}] {note}", flush=True)
+        if self.writer is not None:
+            for k, v in m.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, self.step)
+
+    def validate(self) -> tuple[dict[str, Any], torch.Tensor]:
+        """Evaluates the validation split, records it, and keeps the best checkpoint."""
+        m, fixes = self.evaluate()
+        self._log_eval("eval", m)
+        improved = self.best.update(m, self.step)
+        self.history.append({"step": self.step, self.best.metric: m.get(self.best.metric)})
+        if improved and self.cfg.eval.keep_best:
+            self.checkpoint(best=True)
+        return m, fixes
+
+    def test(self) -> Optional[dict[str, Any]]:
+        """The best checkpoint (or the final model without one) on ``data.test_paths``; None without a test split."""
+        if not self.cfg.data.test_paths:
+            return None
+        source = "final"
+        found = checkpoint.latest(self.best_dir) if self.cfg.eval.keep_best else None
+        if found is not None and checkpoint.read_meta(found).step != self.step:
+            state = {"model": self.dmp.state_dict()}
+            checkpoint.load_model(found, state)
+            self.dmp.load_state_dict(state["model"])
+            source = f"best (step {checkpoint.read_meta(found).step})"
+        elif found is not None:
+            source = f"best (step {self.step}, the final model)"
+        m, _ = self.evaluate(list(self.cfg.data.test_paths))
+        self._log_eval("test", m)
+        m["checkpoint"] = source
+        return m
+
+    def report(self, final: dict[str, Any], eval_fixes: torch.Tensor, test: Optional[dict[str, Any]]) -> dict[str, Any]:
+        gbs = self.cfg.data.batch_size * self.env.world_size
+        t = max_ranks(torch.tensor([self.train_time], dtype=torch.float64), self.device)
+        eval_total = sum_ranks(eval_fixes, self.device)
+        metrics: dict[str, Any] = {
+            "model": self.spec.name,
+            **{k: final[k] for k in ("auc", "gauc", "logloss") if k in final},
+            "samples_per_s": gbs * self.steps_run / float(t) if self.steps_run else float("nan"),
+            "steps": self.step,
+            "steps_this_run": self.steps_run,
+            "world_size": self.env.world_size,
+            "final_train_loss": self.losses[-1] if self.losses else float("nan"),
+            "first_train_loss_this_run": self.losses[0] if self.losses else float("nan"),
+            "eval": final,
+            "best": self.best.state(),
+            "valid_history": self.history,
+            "id_policy": self.cfg.data.id_policy.value,
+            # ids the reader rewrote (hash / clip policies) in trained batches over the whole run, and in evaluation
+            "id_fixes": self.fixes.by_feature(self.device),
+            "id_fixes_eval": {f.name: int(n) for f, n in zip(self.schema.id_features, eval_total)},
+            "run_dir": str(self.run_dir.resolve()),
+        }
+        if self.cfg.train.epochs:
+            metrics["epochs"] = self.cfg.train.epochs
+            metrics["steps_per_epoch"] = steps_per_epoch(self.cfg.data, self.env.world_size)
+        if test is not None:
+            metrics["test"] = test
+        if final.get("notes"):
+            metrics["notes"] = final["notes"]
+        metrics = _json_safe(metrics)
+        if self.writer is not None:
+            if self.steps_run:
+                self.writer.add_scalar("train/samples_per_s", metrics["samples_per_s"], self.step)
+            self.writer.close()
+        if self.is_main:
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        return metrics
+
+    # --------------------------------------------------------------------------------------------- run
+
+    def run(self) -> dict[str, Any]:
+        """Trains and evaluates; returns the metrics (the same dict on every rank)."""
+        found = self.check_resumable()
+        # Open every evaluation file now (footers and columns only), not after all of training.
+        from datasets.reader import eval_batches
+
+        eval_batches(self.cfg.data, self.env.world_size, self.caps)
+        if self.cfg.data.test_paths:
+            eval_batches(split_config(self.cfg.data, list(self.cfg.data.test_paths)), self.env.world_size, self.caps)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.resolved))
+        self.build()
+        self.restore(found)
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.is_main else None
+        if self.writer is not None:
+            self.writer.add_text("sharding_plan", "```\n" + self.plan_text + "\n```", self.step)
+        bar = tqdm(total=self.total, initial=self.step, disable=not (self.is_main and self.cfg.train.progress_bar),
+                   desc="train")
+        for point in self.points:
+            if point <= self.step:
+                continue
+            self.train_segment(point, bar)
+            if point < self.total:
+                self.validate()
+        bar.close()
+        if self.cfg.train.checkpoint_at_end and self.steps_run > 0:
+            self.checkpoint()
+        final = self.validate()
+        test = self.test()
+        return self.report(final[0], final[1], test)
+
+
+def run(cfg: ExperimentConfig, spec: ModelSpec, resolved: DictConfig, env: DistEnv) -> dict[str, Any]:
+    """Trains and evaluates one experiment; returns the metrics (the same dict on every rank)."""
+    return Trainer(cfg, spec, resolved, env).run()

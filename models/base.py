@@ -1,10 +1,11 @@
-"""The train module: wraps a zoo model (``forward(batch) -> logits [B, T]``) with its loss.
+"""Train modules: a zoo model plus its loss, returning ``(loss, TrainOutput)`` (TrainPipelineSparseDist's contract).
 
-Shapes: B batch, T tasks.
+Shapes: B batch, N evaluation rows (B for per-sample models, candidates for request-level ones), T tasks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +13,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from datasets.batch import Batch
+
+
+@dataclass
+class TrainOutput:
+    """What a train module reports besides the loss it back-propagates. Every tensor is detached.
+
+    Attributes:
+        loss: the total loss (scalar).
+        loss_parts: named parts of it for logging (``ctr``, ``kl``, ...); TensorBoard gets ``train/<name>``.
+        logits: ``[N, T]`` the rows evaluation scores.
+        labels: ``[N, T]`` 0/1.
+        groups: ``[N]`` int64, the group of each row (the user for GAUC, the request for ranking metrics).
+        mask: ``[N, T]`` bool, True where the row counts for the task (False on padding rows and candidates).
+    """
+
+    loss: torch.Tensor
+    logits: torch.Tensor
+    labels: torch.Tensor
+    groups: torch.Tensor
+    mask: torch.Tensor
+    loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -35,21 +57,26 @@ def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch
 
 
 class CTRTrainModule(nn.Module):
-    """Adds the CTR loss to a model, following TrainPipelineSparseDist's ``(loss, output)`` contract.
+    """Adds the CTR loss to a per-sample model (``forward(batch) -> logits [B, T]``).
 
     Args:
-        model: a zoo model whose ``forward(batch)`` returns logits ``[B, T]``.
+        model: the zoo model.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Returns ``(loss, (loss.detach(), logits.detach() [B, T], labels [B, T]))``."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, TrainOutput]:
+        """Returns ``(loss, TrainOutput)``; evaluation rows are the samples, grouped by ``batch.group_ids``."""
         logits = self.model(batch)  # [B, T]
         loss = weighted_bce_loss(logits, batch.labels, batch.weights)
-        return loss, (loss.detach(), logits.detach(), batch.labels)
+        mask = batch.valid.unsqueeze(1).expand_as(logits)  # [B, T]
+        out = TrainOutput(
+            loss=loss.detach(), logits=logits.detach(), labels=batch.labels, groups=batch.group_ids, mask=mask,
+            loss_parts={"ctr": loss.detach()},
+        )
+        return loss, out
 
 
 def build_ctr_train_module(model: nn.Module, cfg: Any) -> CTRTrainModule:

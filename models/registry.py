@@ -35,11 +35,15 @@ class ModelSpec:
             Called with ``torch.device("meta")`` by the trainer; embedding tables live in torchrec
             EmbeddingCollection / EmbeddingBagCollection modules so that they can be sharded.
         build_train_module: ``(model, config) -> nn.Module`` whose ``forward(batch)`` returns
-            ``(loss, (loss, logits, labels))``, the contract of TrainPipelineSparseDist.
+            ``(loss, models.base.TrainOutput)``, the contract of TrainPipelineSparseDist.
         default_constraints: ``(config, schema) -> {table name: TableConstraint}``.
         sequence_caps: ``(config, schema) -> {sequence group: N}``: the model reads only the most recent N
             elements of that group's columns, so the reader drops the rest before they are embedded (and
             all-to-all'd). Empty (the default) = the model reads whole sequences.
+        metrics: the metric set evaluation computes over the gathered ``TrainOutput`` rows, a key of
+            ``launch.metrics.METRIC_SETS``: ``ctr`` (AUC, GAUC, logloss per task) or ``ranking`` (per-request
+            AUC, Recall@K, NDCG@K with K from ``eval.ks``).
+        select_metric: the metric that picks the best checkpoint by default (``eval.best_metric`` overrides).
     """
 
     name: str
@@ -48,6 +52,8 @@ class ModelSpec:
     build_train_module: Callable[[nn.Module, Any], nn.Module]
     default_constraints: Callable[[Any, SchemaConfig], Mapping[str, TableConstraint]]
     sequence_caps: Callable[[Any, SchemaConfig], Mapping[str, int]] = lambda config, schema: {}
+    metrics: str = "ctr"
+    select_metric: str = "auc"
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

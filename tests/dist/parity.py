@@ -1,6 +1,6 @@
 """Sharded vs unsharded parity after one optimizer step, for any train module (run it in every rank).
 
-A :class:`ParityCase` names how to build a train module (``forward(batch) -> (loss, (loss, logits, labels))``)
+A :class:`ParityCase` names how to build a train module (``forward(batch) -> (loss, TrainOutput)``)
 and how to make each rank's share of one fixed global batch. :func:`check_sharding_parity`:
 
 1. builds the module on CPU (seeded; rank 0's weights broadcast), runs the whole global batch through it and
@@ -130,7 +130,8 @@ def check_sharding_parity(
             dist.broadcast(t, src=0)
     initial = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     sparse_ids = {id(p) for p in embedding_parameters(ref)}
-    ref_loss, (_, ref_logits, _) = ref(case.make_batch(0, 1))
+    ref_loss, ref_out = ref(case.make_batch(0, 1))
+    ref_logits = ref_out.logits
     ref_loss.backward()
     with torch.no_grad():
         for p in ref.parameters():
@@ -159,7 +160,8 @@ def check_sharding_parity(
     assert dense, "no dense parameters found"
     optimizer = KeyedOptimizerWrapper(dense, lambda ps: torch.optim.SGD(ps, lr=dense_lr))
     batch = case.make_batch(rank, world_size)
-    loss, (_, logits, _) = dmp(batch)
+    loss, out = dmp(batch)
+    logits = out.logits
     loss.backward()
     optimizer.step()
 

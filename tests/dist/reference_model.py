@@ -18,6 +18,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datasets.batch import Batch
+from models.base import TrainOutput
 
 DIM = 8
 ROWS = {"t_item": 21, "t_category": 12, "t_user": 15}
@@ -77,16 +78,17 @@ class ReferenceModel(nn.Module):
 
 
 class ReferenceTrainModule(nn.Module):
-    """Mean binary cross-entropy over the batch; returns ``(loss, (loss, logits [B, 1], labels [B, 1]))``."""
+    """Mean binary cross-entropy over the batch; returns ``(loss, TrainOutput)``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, TrainOutput]:
         logits = self.model(batch)  # [B, 1]
         loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        return loss, (loss.detach(), logits.detach(), batch.labels)
+        mask = batch.valid.unsqueeze(1).expand_as(logits)
+        return loss, TrainOutput(loss.detach(), logits.detach(), batch.labels, batch.group_ids, mask)
 
 
 def build_reference_train_module(device: torch.device) -> ReferenceTrainModule:

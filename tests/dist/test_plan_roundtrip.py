@@ -106,7 +106,7 @@ def _roundtrip(rank: int, world_size: int, run_dir: str) -> dict:
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     pipeline = TrainPipelineSparseDist(dmp, optimizer, device)
     batches = iter([make_reference_batch(rank, world_size, seed=s) for s in range(3)])
-    losses = [float(pipeline.progress(batches)[0]) for _ in range(3)]
+    losses = [float(pipeline.progress(batches).loss) for _ in range(3)]
     after = gather_full_state(dmp)
     changed = sorted(
         t for t in tables if any(k.endswith(f".{t}.weight") and not torch.equal(before[k], after[k]) for k in after)

@@ -44,11 +44,15 @@ def test_loss_is_weighted_mean_over_samples_summed_over_tasks():
 def test_train_module_contract_and_padding_rows_ignored():
     module = build_ctr_train_module(_Fixed(LOGITS), cfg=None)
     assert isinstance(module, CTRTrainModule)
-    loss, (loss_out, logits, labels) = module(_batch(LABELS, WEIGHTS))
-    assert loss.requires_grad and not loss_out.requires_grad and not logits.requires_grad
-    torch.testing.assert_close(loss_out, loss.detach())
-    torch.testing.assert_close(logits, LOGITS)
-    torch.testing.assert_close(labels, LABELS)
+    batch = _batch(LABELS, WEIGHTS)
+    loss, out = module(batch)
+    assert loss.requires_grad and not out.loss.requires_grad and not out.logits.requires_grad
+    torch.testing.assert_close(out.loss, loss.detach())
+    torch.testing.assert_close(out.logits, LOGITS)
+    torch.testing.assert_close(out.labels, LABELS)
+    # evaluation rows: the mask follows batch.valid on every task, groups are the batch's group ids
+    assert out.mask.tolist() == batch.valid.unsqueeze(1).expand_as(LOGITS).tolist()
+    assert out.groups.tolist() == batch.group_ids.tolist()
     flipped = LABELS.clone()
     flipped[3] = 1 - flipped[3]
     loss_flipped, _ = module(_batch(flipped, WEIGHTS))

@@ -34,8 +34,10 @@ def test_forward_shapes_and_spec(name: str):
     batch = random_batch(SCHEMA, torch.Generator().manual_seed(0), 6, 7)
     logits = model(batch)
     assert logits.shape == (6, 2) and torch.isfinite(logits).all()
-    loss, (_, out, labels) = spec.build_train_module(model, CONFIGS[name])(batch)
-    assert loss.ndim == 0 and out.shape == (6, 2) and labels.shape == (6, 2)
+    loss, out = spec.build_train_module(model, CONFIGS[name])(batch)
+    assert loss.ndim == 0 and out.logits.shape == (6, 2) and out.labels.shape == (6, 2)
+    assert out.mask.shape == (6, 2) and out.mask.all() and out.groups.shape == (6,)
+    torch.testing.assert_close(out.loss_parts["ctr"], loss.detach())
     assert spec.default_constraints(CONFIGS[name], SCHEMA) == {
         "t_item_id": TableConstraint(("row_wise", "table_wise")),
         "t_user_id": TableConstraint(("row_wise", "table_wise")),
@@ -113,7 +115,7 @@ def test_forward_traces_like_the_sparse_dist_pipeline(name: str):
     traced = torch.fx.GraphModule(module, graph)
     assert any(n.op == "call_module" and n.target == "model.embedding.ec" for n in graph.nodes)
     batch = random_batch(SCHEMA, torch.Generator().manual_seed(4), 5, 6)
-    torch.testing.assert_close(traced(batch)[1][1], module(batch)[1][1])
+    torch.testing.assert_close(traced(batch)[1].logits, module(batch)[1].logits)
 
 
 def _synthetic_batch(gen: torch.Generator, b: int) -> Batch:
