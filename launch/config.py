@@ -5,13 +5,16 @@ An experiment file names the files it builds on, in order, then adds or override
     includes: [../datasets/synthetic_small.yaml, ../models/din.yaml]
     train: {max_steps: 200}
 
-``model.name`` selects the zoo entry; its ``ModelSpec.config_cls`` validates the ``model`` section. Command-line
-overrides (``key.sub=value``) are merged last. Unknown keys are errors listing the valid keys of their section.
+``imports: [package.module, ...]`` (top level) imports modules that register zoo entries defined outside
+``models/`` (a user's own package) before ``model.name`` is looked up. ``model.name`` selects the zoo entry; its
+``ModelSpec.config_cls`` validates the ``model`` section. Command-line overrides (``key.sub=value``) are merged
+last. Unknown keys are errors listing the valid keys of their section.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +98,7 @@ class ExperimentConfig:
 
     Attributes:
         run_dir: where the resolved config, plan, TensorBoard events, checkpoints and metrics go.
+        imports: modules imported before the entry is looked up (entries registered outside ``models/``).
         model: the zoo entry's config (its dataclass is chosen by ``model.name``).
         data: the data section.
         train: the training loop.
@@ -104,6 +108,7 @@ class ExperimentConfig:
     """
 
     run_dir: str = "runs/default"
+    imports: list[str] = field(default_factory=list)
     model: Any = None
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -186,6 +191,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
             user = OmegaConf.merge(user, OmegaConf.from_dotlist(list(overrides)))
         except Exception as e:  # YAML parse errors of values, incompatible containers
             raise ConfigError(f"bad override in {list(overrides)}: {e}") from None
+    imports = OmegaConf.select(user, "imports", default=[]) or []
+    for module in [imports] if isinstance(imports, str) else list(imports):
+        try:  # entries defined outside models/ (a user's own package, the tests' tiny entries) register on import
+            importlib.import_module(str(module))
+        except Exception as e:  # an import error of the user's module: name it
+            raise ConfigError(f"{path}: imports: cannot import {module!r}: {type(e).__name__}: {e}") from None
     name = OmegaConf.select(user, "model.name")
     if name is None:
         raise ConfigError(f"{path}: missing model.name (pick a zoo entry, e.g. include configs/models/din.yaml)")
