@@ -1,5 +1,7 @@
-"""Single-process tests of launch/sharding.py: constraint merging and validation, planning without a process
-group, plan JSON round trip, plan checks on load, and the text table. Multi-process tests: tests/dist/."""
+"""Tests of the sharding layer (launch/sharding.py and the modules it re-exports): table keys (full names,
+globs) and constraint merging, planning without a process group, a co-trained model with two tables of one
+feature (planned locally, and sharded in 2 gloo ranks), plan JSON round trip, plan checks on load, and the
+text table. More multi-process tests: tests/dist/."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torchrec.distributed.types import (
     ParameterSharding,
     ShardingPlan,
 )
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.types import DataType
 
 from launch.sharding import (
@@ -34,13 +37,19 @@ from launch.sharding import (
     plan_from_json,
     plan_table,
     plan_to_json,
-    read_plan,
+    select_tables,
+    shard_model,
     write_plan,
 )
+from datasets.schema import IdFeature, SchemaConfig
 from models.registry import TableConstraint
+from modules.embedding import build_embedding_collection
+from tests.dist.parity import gather_full_state
 from tests.dist.reference_model import build_reference_train_module
+from tests.dist.runner import run_workers
 
 TABLES = ["t_item", "t_category", "t_user"]
+ROLE_TABLES = ["t_item_id", "t_item_id__attn", "t_item_id__repr", "t_user_id__attn"]
 CPU = torch.device("cpu")
 
 
@@ -51,6 +60,11 @@ def _meta_model() -> torch.nn.Module:
 def _plan_2_ranks(cfg: ShardingConfig, defaults: dict | None = None) -> ShardingPlan:
     """Plans the reference model for 2 CPU ranks in this one process (no process group)."""
     return plan(_meta_model(), cfg, defaults or {}, build_topology(2, 2, CPU), build_sharders())
+
+
+def read_plan(path: Path) -> ShardingPlan:
+    """A ``plan.json`` written by write_plan, as ShardingPlan (production reads it through ``plan_path``)."""
+    return plan_from_json(json.loads(path.read_text()))
 
 
 # ------------------------------------------------------------------------------------------- constraints
@@ -88,6 +102,34 @@ def test_bad_kernel_lists_valid_values() -> None:
     assert all(k in str(e.value) for k in COMPUTE_KERNELS)
     with pytest.raises(ValueError, match=r"default constraint of t_user: unknown compute kernel"):
         merge_constraints({"t_user": TableConstraint(compute_kernels=("fast",))}, ShardingConfig(), TABLES)
+
+
+def test_keys_select_tables_by_full_name_then_first_matching_glob() -> None:
+    keys = {
+        "t_item_id__*": TableShardingConfig(sharding_types=["column_wise"], min_partition=4),
+        "*__attn": TableShardingConfig(sharding_types=["table_wise"]),
+        "t_item_id__repr": TableShardingConfig(compute_kernels=["fused"]),
+    }
+    assert select_tables(keys, ROLE_TABLES) == {
+        "t_item_id__attn": "t_item_id__*",  # both globs match: the first in config order wins
+        "t_item_id__repr": "t_item_id__repr",  # the exact name beats the globs that match it
+        "t_user_id__attn": "*__attn",
+    }  # t_item_id has no role: "t_item_id__*" does not select it
+    c = merge_constraints({"t_item_id": TableConstraint(("row_wise",))}, ShardingConfig(tables=keys), ROLE_TABLES)
+    assert c["t_item_id__attn"].sharding_types == ["column_wise"] and c["t_item_id__attn"].min_partition == 4
+    assert c["t_item_id__repr"].sharding_types is None and c["t_item_id__repr"].compute_kernels == ["fused"]
+    assert c["t_item_id__repr"].min_partition is None  # one entry per table: the globs' fields do not merge in
+    assert c["t_user_id__attn"].sharding_types == ["table_wise"]
+    assert c["t_item_id"].sharding_types == ["row_wise"]  # the model's default
+    assert set(c) == set(ROLE_TABLES)
+
+
+@pytest.mark.parametrize("key", ["*__atn", "t_item_id___attn", "item_id", "T_ITEM_ID"])
+def test_key_selecting_no_table_lists_the_tables(key: str) -> None:
+    cfg = ShardingConfig(tables={"*__attn": TableShardingConfig(), key: TableShardingConfig()})
+    with pytest.raises(ValueError, match="name tables the model does not have") as e:
+        merge_constraints({}, cfg, ROLE_TABLES)
+    assert repr([key]) in str(e.value) and all(t in str(e.value) for t in ROLE_TABLES)
 
 
 def test_config_overrides_model_defaults_field_by_field() -> None:
@@ -138,6 +180,10 @@ def test_structured_config_from_yaml() -> None:
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, ShardingConfig) and isinstance(cfg.tables["t_item"], TableShardingConfig)
     assert cfg.tables["t_category"].min_partition == 4 and cfg.plan_path is None and cfg.hbm_cap is None
+    globbed = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(ShardingConfig), OmegaConf.create('tables: {"*__attn": {}, t_item: {}}'))
+    )
+    assert list(globbed.tables) == ["*__attn", "t_item"]  # config order survives (first matching glob wins)
     with pytest.raises(Exception, match="shardingtypes"):
         OmegaConf.merge(
             OmegaConf.structured(ShardingConfig), OmegaConf.create({"tables": {"t": {"shardingtypes": []}}})
@@ -167,6 +213,119 @@ def test_plan_without_process_group_follows_constraints() -> None:
     assert category.sharding_type == "column_wise"
     assert [s.shard_sizes for s in category.sharding_spec.shards] == [[12, 4]] * 2
     assert user.sharding_type == "data_parallel" and user.sharding_spec is None and user.compute_kernel == "dense"
+
+
+# ------------------------------------------------------------------------------------------- co-training
+
+COTRAIN_SCHEMA = SchemaConfig(
+    id_features=[
+        IdFeature("user_id", 15),
+        IdFeature("item_id", 21, table="item_id"),
+        IdFeature("hist_item_id", 21, sequence=True, table="item_id"),
+    ],
+    labels=["click"],
+)
+COTRAIN_FEATURES = ["item_id", "hist_item_id"]
+
+
+class CoTrained(torch.nn.Module):
+    """Two sub-models over the same item features, each with its own item table (roles ``a`` and ``b``).
+
+    ``forward(kjt) -> (a [S, 16], b [S, 8])``: both sub-models' embeddings of the ``hist_item_id`` ids (S ids).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.a = build_embedding_collection(COTRAIN_SCHEMA, COTRAIN_FEATURES, 16, device, role="a")
+        self.b = build_embedding_collection(COTRAIN_SCHEMA, COTRAIN_FEATURES, 8, device, role="b")
+
+    def forward(self, kjt: KeyedJaggedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(kjt)["hist_item_id"].values(), self.b(kjt)["hist_item_id"].values()
+
+
+def _plan_cotrained(cfg: ShardingConfig, world_size: int = 2) -> ShardingPlan:
+    return plan(CoTrained(torch.device("meta")), cfg, {}, build_topology(world_size, world_size, CPU), build_sharders())
+
+
+def test_cotrained_tables_of_one_feature_are_planned_apart() -> None:
+    tables = embedding_tables(CoTrained(torch.device("meta")))
+    assert {n: (t.module_path, t.table, t.role, t.rows, t.dim) for n, t in tables.items()} == {
+        "t_item_id__a": ("a", "item_id", "a", 21, 16),
+        "t_item_id__b": ("b", "item_id", "b", 21, 8),
+    }
+    # A constraint by full name applies to that table only.
+    only_a = ShardingConfig(tables={"t_item_id__a": TableShardingConfig(sharding_types=["row_wise"])})
+    assert set(merge_constraints({}, only_a, tables)) == {"t_item_id__a"}
+    p = _plan_cotrained(
+        ShardingConfig(
+            tables={
+                "t_item_id__a": TableShardingConfig(sharding_types=["row_wise"]),
+                "t_item_id__*": TableShardingConfig(sharding_types=["column_wise"], min_partition=4),
+            }
+        )
+    )
+    assert set(p.plan) == {"a", "b"} and list(p.plan["a"]) == ["t_item_id__a"] and list(p.plan["b"]) == ["t_item_id__b"]
+    a, b = p.plan["a"]["t_item_id__a"], p.plan["b"]["t_item_id__b"]
+    assert a.sharding_type == "row_wise" and [s.shard_sizes for s in a.sharding_spec.shards] == [[11, 16], [10, 16]]
+    assert b.sharding_type == "column_wise" and [s.shard_sizes for s in b.sharding_spec.shards] == [[21, 4]] * 2
+    # The plan's JSON and text name each table's feature table and role.
+    d = plan_to_json(p)
+    assert (d["a"]["t_item_id__a"]["table"], d["a"]["t_item_id__a"]["role"]) == ("item_id", "a")
+    assert (d["b"]["t_item_id__b"]["table"], d["b"]["t_item_id__b"]["role"]) == ("item_id", "b")
+    assert plan_from_json(d) == p
+    lines = plan_table(p, tables).splitlines()
+    assert next(line for line in lines if " t_item_id__b " in line).split()[:7] == [
+        "b", "t_item_id__b", "item_id", "b", "21", "8", "column_wise"
+    ]
+
+
+def test_same_table_name_in_two_collections_is_refused() -> None:
+    class Clash(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            meta = torch.device("meta")
+            self.a = build_embedding_collection(COTRAIN_SCHEMA, COTRAIN_FEATURES, 8, meta, role="x")
+            self.b = build_embedding_collection(COTRAIN_SCHEMA, COTRAIN_FEATURES, 8, meta, role="x")
+
+    with pytest.raises(ValueError, match=r"'t_item_id__x' appears in both 'a' and 'b'.*distinct roles"):
+        embedding_tables(Clash())
+
+
+def _shard_cotrained(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Plans (collectively) and shards :class:`CoTrained`, looks up the same ids in both sub-models."""
+    model = CoTrained(torch.device("meta"))
+    sharders = build_sharders()
+    cfg = ShardingConfig(
+        tables={"t_item_id__a": TableShardingConfig(sharding_types=["row_wise"])}, default_sharding_types=["table_wise"]
+    )
+    sharding_plan = plan(model, cfg, {}, build_topology(world_size, world_size, CPU), sharders)
+    torch.manual_seed(rank)
+    dmp = shard_model(model, sharding_plan, sharders, CPU)
+    ids = torch.tensor([[1, 20, 3], [11, 10, 0]][rank])
+    kjt = KeyedJaggedTensor(
+        keys=["item_id", "hist_item_id"], values=torch.cat([ids[:1], ids]), lengths=torch.tensor([1, len(ids)])
+    )
+    a, b = dmp(kjt)
+    full = gather_full_state(dmp)
+    return {
+        "a": a.detach(),
+        "b": b.detach(),
+        "table_a": full[next(k for k in full if k.endswith(".t_item_id__a.weight"))][ids],
+        "table_b": full[next(k for k in full if k.endswith(".t_item_id__b.weight"))][ids],
+        "types": {t: ps.sharding_type for mp in sharding_plan.plan.values() for t, ps in mp.items()},
+        "sharded": sorted((n, t.module_path) for n, t in embedding_tables(dmp).items()),
+    }
+
+
+@pytest.mark.dist
+def test_cotrained_model_shards_in_two_ranks_with_one_plan() -> None:
+    for r in run_workers(_shard_cotrained, world_size=2):
+        assert r["types"] == {"t_item_id__a": "row_wise", "t_item_id__b": "table_wise"}
+        assert [n for n, _ in r["sharded"]] == ["t_item_id__a", "t_item_id__b"]
+        # Each sub-model reads its own table (16 and 8 wide), whichever rank holds the rows.
+        assert r["a"].shape == (3, 16) and r["b"].shape == (3, 8)
+        torch.testing.assert_close(r["a"], r["table_a"], rtol=0, atol=0)
+        torch.testing.assert_close(r["b"], r["table_b"], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- plan files
@@ -204,6 +363,7 @@ def test_json_round_trip_is_exact(tmp_path: Path) -> None:
         "placement": "rank:1/cuda:1",
     }
     assert d["model.ec"]["t_item"]["cache_params"]["algorithm"] == "LFU"
+    assert (d["model.ec"]["t_item"]["table"], d["model.ec"]["t_item"]["role"]) == ("item", None)
     back = plan_from_json(json.loads(json.dumps(d)))
     assert back == p and plan_to_json(back) == d
     write_plan(tmp_path, p)
@@ -223,6 +383,19 @@ def test_json_rejects_unknown_keys_and_types() -> None:
     d["model.ebc"]["t_user"]["sharding_type"] = "diagonal"
     with pytest.raises(ValueError, match=r"unknown sharding type \['diagonal'\]"):
         plan_from_json(d)
+    d = plan_to_json(_handmade_plan())
+    d["model.ebc"]["t_user"]["role"] = "attn"
+    with pytest.raises(ValueError, match=r"model.ebc.t_user: states table 'user', role 'attn'"):
+        plan_from_json(d)
+    d = plan_to_json(_handmade_plan())  # a plan written before table / role were: still read
+    for tables in d.values():
+        for t in tables.values():
+            del t["table"], t["role"]
+    assert plan_from_json(d) == _handmade_plan()
+    bad = _handmade_plan()
+    bad.plan["model.ebc"]["user"] = bad.plan["model.ebc"].pop("t_user")
+    with pytest.raises(ValueError, match=r"model.ebc.user: 'user' is not a table name"):
+        plan_to_json(bad)
 
 
 def test_loaded_plan_is_checked_against_model(tmp_path: Path) -> None:
@@ -272,13 +445,17 @@ def test_plan_table_text() -> None:
     )
     text = plan_table(p, embedding_tables(_meta_model()))
     lines = text.splitlines()
-    assert lines[0].split() == ["module", "table", "rows", "dim", "sharding", "kernel", "ranks", "shards", "bytes/rank"]
+    assert lines[0].split() == [
+        "module", "name", "table", "role", "rows", "dim", "sharding", "kernel", "ranks", "shards", "bytes/rank"
+    ]
     item = next(line for line in lines if " t_item " in line).split()
-    assert item == ["model.ec", "t_item", "21", "8", "row_wise", "fused", "0,1", "0:11x8", "1:10x8", "0:352", "1:320"]
+    assert item == [
+        "model.ec", "t_item", "item", "-", "21", "8", "row_wise", "fused", "0,1", "0:11x8", "1:10x8", "0:352", "1:320"
+    ]
     user = next(line for line in lines if " t_user " in line).split()
-    assert user[:7] == ["model.ebc", "t_user", "15", "8", "data_parallel", "dense", "0,1"]
-    assert user[7:] == ["all:15x8", "0:480", "1:480"]  # a replica on each rank
-    category_rank = next(line for line in lines if " t_category " in line).split()[6]
+    assert user[:9] == ["model.ebc", "t_user", "user", "-", "15", "8", "data_parallel", "dense", "0,1"]
+    assert user[9:] == ["all:15x8", "0:480", "1:480"]  # a replica on each rank
+    category_rank = next(line for line in lines if " t_category " in line).split()[8]
     total = lines[-1].split()
     per_rank = {0: 352 + 480, 1: 320 + 480}
     per_rank[int(category_rank)] += 12 * 8 * 4

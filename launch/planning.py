@@ -1,0 +1,392 @@
+"""Planning: the ``sharding`` config section, per-table constraints, the topology, and torchrec's planner.
+
+Constraints come from two places and are merged per table by :func:`merge_constraints`: the zoo entry's
+defaults (``ModelSpec.default_constraints``, :class:`models.registry.TableConstraint`, keyed by exact table
+names) and the experiment's ``sharding`` section (:class:`ShardingConfig`), which wins. A key of
+``sharding.tables`` selects tables by name (:func:`select_tables`)::
+
+    sharding:
+      tables:
+        t_item_id: {sharding_types: [row_wise]}         # one table, by its full name
+        t_item_id__attn: {sharding_types: [table_wise]}  # a table with a role: t_<table>__<role>
+        "*__repr": {sharding_types: [column_wise]}      # a glob: every table of role repr
+        "t_item_id__*": {compute_kernels: [fused]}      # a glob: every role of the item-id table
+
+A table takes the entry of its exact name if there is one, else the first glob (in config order) that
+matches its name, else none; one entry applies per table (entries are not merged with each other). Every key
+must select at least one table: one that selects none fails before training and lists the model's tables.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingPlan, ShardingType
+
+from launch.plan_files import plan_from_json, shard_metadata
+from launch.sharders import COMPUTE_KERNELS, SHARDING_TYPES, TableMeta, check_names, embedding_tables, sharder_for
+
+if TYPE_CHECKING:
+    from models.registry import TableConstraint
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TableShardingConfig:
+    """Constraints on the tables one ``sharding.tables`` key selects; empty lists leave the choice open.
+
+    Attributes:
+        sharding_types: allowed torchrec sharding types (values of ``ShardingType``: ``table_wise``,
+            ``row_wise``, ``column_wise``, ``table_row_wise``, ``data_parallel``, ...).
+        compute_kernels: allowed compute kernels (values of ``EmbeddingComputeKernel``, e.g. ``fused``).
+        min_partition: column-wise shard width: the planner splits ``dim`` into shards this wide
+            (torchrec's ``ParameterConstraints.min_partition``; None = torchrec's default of 128 columns).
+    """
+
+    sharding_types: list[str] = field(default_factory=list)
+    compute_kernels: list[str] = field(default_factory=list)
+    min_partition: Optional[int] = None
+
+
+@dataclass
+class ShardingConfig:
+    """The ``sharding`` section of an experiment.
+
+    Attributes:
+        tables: per-table constraints, keyed by a table name (``t_<table>``, ``t_<table>__<role>``) or a glob
+            over names (``"*__attn"``; see :func:`select_tables` for which entry a table takes); they override
+            the model's defaults field by field (an entry that only sets ``compute_kernels`` keeps the model's
+            sharding types).
+        default_sharding_types: sharding types for every table without a ``sharding_types`` entry in
+            ``tables``; when non-empty they also override the model's defaults (empty = model defaults).
+        plan_path: a ``plan.json`` written by :func:`launch.plan_files.write_plan`; when set it is loaded
+            (checked against the model's tables, the world size and the constraints) instead of planning.
+        batch_size: per-rank batch size the planner assumes when costing plans (None = torchrec's 512).
+        hbm_cap: bytes of accelerator memory per rank the planner may use (None = torchrec's default;
+            ignored on CPU, which has no HBM).
+        ddr_cap: bytes of host memory per rank the planner may use (None = torchrec's default).
+    """
+
+    tables: dict[str, TableShardingConfig] = field(default_factory=dict)
+    default_sharding_types: list[str] = field(default_factory=list)
+    plan_path: Optional[str] = None
+    batch_size: Optional[int] = None
+    hbm_cap: Optional[int] = None
+    ddr_cap: Optional[int] = None
+
+    def validate(self) -> None:
+        """Checks sharding type and kernel names and numeric fields (not table keys: see select_tables).
+
+        Raises:
+            ValueError: naming the bad entry and listing the valid values.
+        """
+        check_names("sharding.default_sharding_types", self.default_sharding_types, SHARDING_TYPES, "sharding type")
+        for key, t in self.tables.items():
+            check_names(f"sharding.tables.{key}.sharding_types", t.sharding_types, SHARDING_TYPES, "sharding type")
+            check_names(f"sharding.tables.{key}.compute_kernels", t.compute_kernels, COMPUTE_KERNELS, "compute kernel")
+            if t.min_partition is not None and t.min_partition <= 0:
+                raise ValueError(f"sharding.tables.{key}.min_partition must be > 0, got {t.min_partition}")
+        for name in ("batch_size", "hbm_cap", "ddr_cap"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"sharding.{name} must be > 0 (or null for torchrec's default), got {v}")
+
+
+# ---------------------------------------------------------------------------------------------------- constraints
+
+
+def _is_glob(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
+def select_tables(keys: Iterable[str], tables: Iterable[str], where: str = "sharding.tables") -> dict[str, str]:
+    """Which key selects each table: table name -> key, for the tables some key selects (in table order).
+
+    A key is a table name (``t_<table>`` or ``t_<table>__<role>``, :func:`datasets.schema.table_name`) or a
+    glob over names (``fnmatch`` syntax, case-sensitive: ``"*__attn"`` selects every table of role ``attn``).
+    A table takes the key equal to its name if there is one, else the first glob in ``keys``' order that
+    matches it.
+
+    Args:
+        keys: the config's keys, in config order.
+        tables: the model's table names.
+        where: the config section, for the error message.
+
+    Raises:
+        ValueError: a key selects no table (lists the keys and the model's tables).
+    """
+    keys, names = list(keys), list(tables)
+    globs = [k for k in keys if _is_glob(k)]
+    out: dict[str, str] = {}
+    for name in names:
+        if name in keys:
+            out[name] = name
+        else:
+            key = next((g for g in globs if fnmatch.fnmatchcase(name, g)), None)
+            if key is not None:
+                out[name] = key
+    unmatched = [k for k in keys if k not in names and not any(fnmatch.fnmatchcase(n, k) for n in names)]
+    if unmatched:
+        raise ValueError(
+            f"{where} name tables the model does not have: {unmatched}; the model's tables: {names} (a key is a"
+            " table name, t_<table> or t_<table>__<role>, or a glob over them such as '*__attn')"
+        )
+    return out
+
+
+def merge_constraints(
+    model_defaults: Mapping[str, "TableConstraint"],
+    cfg: ShardingConfig,
+    tables: Iterable[str],
+) -> dict[str, ParameterConstraints]:
+    """Planner constraints for every table that has any, config over model defaults.
+
+    Per table and per field, the first non-empty of: the ``cfg.tables`` entry that selects the table
+    (:func:`select_tables`: its exact name, else the first matching glob), ``cfg.default_sharding_types`` (for
+    sharding types only), ``model_defaults[t]``. A table with nothing constrained gets no entry (planner free).
+
+    Args:
+        model_defaults: the zoo entry's ``default_constraints(config, schema)``, keyed by exact table names.
+        cfg: the experiment's sharding section.
+        tables: the model's table names (:func:`launch.sharders.embedding_tables`).
+
+    Raises:
+        ValueError: an unknown sharding type or compute kernel (lists the valid values), or a key or default
+            constraint that selects no table of the model (lists the model's tables).
+    """
+    cfg.validate()
+    names = list(tables)
+    selected = select_tables(cfg.tables, names)
+    unknown = sorted(set(model_defaults) - set(names))
+    if unknown:
+        raise ValueError(
+            f"the model's default constraints name tables the model does not have: {unknown}; the model's"
+            f" tables: {names}"
+        )
+    for table, c in model_defaults.items():
+        check_names(f"default constraint of {table}", c.sharding_types, SHARDING_TYPES, "sharding type")
+        check_names(f"default constraint of {table}", c.compute_kernels, COMPUTE_KERNELS, "compute kernel")
+
+    out: dict[str, ParameterConstraints] = {}
+    for table in names:
+        entry = cfg.tables[selected[table]] if table in selected else None
+        default = model_defaults.get(table)
+        sharding_types = (
+            list(entry.sharding_types) if entry is not None and entry.sharding_types
+            else list(cfg.default_sharding_types) if cfg.default_sharding_types
+            else list(default.sharding_types) if default is not None and default.sharding_types
+            else []
+        )
+        compute_kernels = (
+            list(entry.compute_kernels) if entry is not None and entry.compute_kernels
+            else list(default.compute_kernels) if default is not None and default.compute_kernels
+            else []
+        )
+        min_partition = entry.min_partition if entry is not None else None
+        if sharding_types or compute_kernels or min_partition is not None:
+            out[table] = ParameterConstraints(
+                sharding_types=sharding_types or None,
+                compute_kernels=compute_kernels or None,
+                min_partition=min_partition,
+            )
+    return out
+
+
+def _check_supported(
+    constraints: Mapping[str, ParameterConstraints],
+    tables: Mapping[str, TableMeta],
+    sharders: list[ModuleSharder[nn.Module]],
+    device_type: str,
+) -> None:
+    """Fails early, naming the table, when a constraint asks for what the table's sharder cannot do."""
+    for table, c in constraints.items():
+        meta = tables[table]
+        sharder = sharder_for(meta.module_type, sharders)
+        supported = list(sharder.sharding_types(device_type))
+        bad = [t for t in (c.sharding_types or []) if t not in supported]
+        if bad:
+            raise ValueError(
+                f"table {table} ({meta.module_type.__name__}): sharding types {bad} are not supported on"
+                f" {device_type}; supported: {supported}"
+            )
+        if c.compute_kernels:
+            kernels = {k for t in (c.sharding_types or supported) for k in sharder.compute_kernels(t, device_type)}
+            bad = [k for k in c.compute_kernels if k not in kernels]
+            if bad:
+                raise ValueError(
+                    f"table {table} ({meta.module_type.__name__}): compute kernels {bad} are not available on"
+                    f" {device_type} for sharding types {c.sharding_types or supported}; available: {sorted(kernels)}"
+                )
+
+
+# ---------------------------------------------------------------------------------------------------- planning
+
+
+def build_topology(
+    world_size: int,
+    local_world_size: int,
+    device: torch.device,
+    cfg: Optional[ShardingConfig] = None,
+) -> Topology:
+    """The planner's view of the job: ``world_size`` ranks of ``device.type``, ``local_world_size`` per host.
+
+    Args:
+        cfg: supplies ``hbm_cap`` / ``ddr_cap`` (None or a None field = torchrec's defaults).
+    """
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"can only plan for cpu or cuda devices, got {device}")
+    if world_size <= 0 or local_world_size <= 0 or world_size % local_world_size:
+        raise ValueError(
+            f"world_size ({world_size}) must be a positive multiple of local_world_size ({local_world_size})"
+        )
+    # torchrec 1.8 warns that a Topology built directly, not by its factory, "will fail" in the future.
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(
+            world_size=world_size,
+            local_world_size=local_world_size,
+            hbm_cap_bytes=cfg.hbm_cap if cfg is not None else None,
+            ddr_cap_bytes=cfg.ddr_cap if cfg is not None else None,
+        ),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+
+
+def plan(
+    model: nn.Module,
+    cfg: ShardingConfig,
+    model_defaults: Mapping[str, "TableConstraint"],
+    topology: Topology,
+    sharders: list[ModuleSharder[nn.Module]],
+    pg: Optional[dist.ProcessGroup] = None,
+) -> ShardingPlan:
+    """The sharding plan of ``model``: loaded from ``cfg.plan_path`` or made by torchrec's planner.
+
+    One planner plans every collection of the model together (several sub-models' tables included). With a
+    process group (``pg``, or the default group when initialised) rank 0 plans / reads the file and
+    broadcasts, so every rank gets the same plan; without one the plan is made locally.
+
+    Args:
+        model: the (meta-device) train module to shard.
+        cfg: the sharding section.
+        model_defaults: the zoo entry's default constraints.
+        topology: from :func:`build_topology`.
+        sharders: from :func:`launch.sharders.build_sharders`.
+        pg: the process group; None = the default group if initialised.
+
+    Raises:
+        ValueError: bad constraints (see :func:`merge_constraints`), a constraint the sharders cannot meet,
+            or a loaded plan that does not fit the model, the topology or the constraints.
+    """
+    tables = embedding_tables(model)
+    constraints = merge_constraints(model_defaults, cfg, tables)
+    _check_supported(constraints, tables, sharders, topology.compute_device)
+    if pg is None and dist.is_initialized():
+        pg = dist.GroupMember.WORLD
+    if cfg.plan_path is not None:
+        loaded = _broadcast_json(pg, lambda: json.loads(Path(str(cfg.plan_path)).read_text()))
+        result = plan_from_json(loaded)
+        check_plan(result, tables, topology, constraints, source=str(cfg.plan_path))
+        return result
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.batch_size, constraints=constraints)
+    if pg is not None:
+        return planner.collective_plan(model, sharders, pg)
+    return planner.plan(model, sharders)
+
+
+def _broadcast_json(pg: Optional[dist.ProcessGroup], read: Any) -> Any:
+    """``read()`` on rank 0 of ``pg`` (or locally without one), broadcast to all ranks.
+
+    Raises:
+        ValueError: on every rank, when ``read()`` raised on rank 0.
+    """
+    box: list[Any] = [None]
+    if pg is None or dist.get_rank(pg) == 0:
+        try:
+            box[0] = ("ok", read())
+        except Exception as e:  # noqa: BLE001  (re-raised below on every rank)
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+    if pg is not None:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(pg, 0), group=pg)
+    status, value = box[0]
+    if status == "error":
+        raise ValueError(f"cannot read the sharding plan (sharding.plan_path): {value}")
+    return value
+
+
+def check_plan(
+    sharding_plan: ShardingPlan,
+    tables: Mapping[str, TableMeta],
+    topology: Topology,
+    constraints: Optional[Mapping[str, ParameterConstraints]] = None,
+    source: str = "plan",
+) -> None:
+    """Checks that a (loaded) plan shards exactly the model's tables, tiles each one, fits the topology and
+    meets the constraints.
+
+    Raises:
+        ValueError: describing every mismatch found.
+    """
+    problems: list[str] = []
+    seen: set[str] = set()
+    for module_path, module_plan in sharding_plan.plan.items():
+        if not isinstance(module_plan, EmbeddingModuleShardingPlan):
+            problems.append(f"module {module_path!r}: not an embedding module plan ({type(module_plan).__name__})")
+            continue
+        for table, ps in module_plan.items():
+            seen.add(table)
+            meta = tables.get(table)
+            if meta is None:
+                problems.append(f"{module_path}.{table}: the model has no such table")
+                continue
+            if meta.module_path != module_path:
+                problems.append(
+                    f"{table}: planned under module {module_path!r}, the model has it in {meta.module_path!r}"
+                )
+            ranks = list(ps.ranks or [])
+            if any(r < 0 or r >= topology.world_size for r in ranks):
+                problems.append(f"{table}: ranks {ranks} outside world size {topology.world_size}")
+            c = (constraints or {}).get(table)
+            if c is not None and c.sharding_types and ps.sharding_type not in c.sharding_types:
+                problems.append(
+                    f"{table}: sharding type {ps.sharding_type!r} is not among the allowed {c.sharding_types}"
+                )
+            if c is not None and c.compute_kernels and ps.compute_kernel not in c.compute_kernels:
+                problems.append(
+                    f"{table}: compute kernel {ps.compute_kernel!r} is not among the allowed {c.compute_kernels}"
+                )
+            shards = shard_metadata(ps)
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
+                continue
+            if not shards:
+                problems.append(f"{table}: {ps.sharding_type} without shard metadata")
+                continue
+            area = 0
+            for s in shards:
+                (r0, c0), (nr, nc) = s.shard_offsets, s.shard_sizes
+                if r0 < 0 or c0 < 0 or r0 + nr > meta.rows or c0 + nc > meta.dim:
+                    problems.append(
+                        f"{table}: shard at {s.shard_offsets} of size {s.shard_sizes} exceeds the table's"
+                        f" [{meta.rows}, {meta.dim}]"
+                    )
+                area += nr * nc
+                placement = s.placement
+                if placement is not None and placement.device().type != topology.compute_device:
+                    problems.append(f"{table}: shard placed on {placement}, the topology is {topology.compute_device}")
+            if area != meta.rows * meta.dim:
+                problems.append(f"{table}: shards cover {area} elements, the table has {meta.rows} x {meta.dim}")
+    missing = [t for t in tables if t not in seen]
+    if missing:
+        problems.append(f"tables of the model missing from the plan: {missing}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
