@@ -32,7 +32,11 @@ class DINConfig:
         history_features: behaviour sequences aligned one to one with ``target_features`` (sharing their
             tables when the schema says so).
         attention_hidden: hidden widths of the local activation unit (paper: 80, 40).
-        attention_softmax: softmax-normalise the activation weights (the paper does not).
+        attention_softmax: softmax-normalise the activation weights (the paper does not; the official DARE
+            code's DIN does).
+        target_cross: also feed ``v_A * v_U(A)`` and ``v_A * mean_j e_j`` (element-wise) to the MLP (the
+            official DARE code's ``use_cross_feature``).
+        mlp_batch_norm: batch-normalise the MLP input (the official DARE code's main MLP starts with BatchNorm).
         mlp_hidden: hidden widths of the prediction MLP (paper: 200, 80).
         activation: activation of both MLPs (paper: PReLU or Dice).
         dropout: dropout after each hidden layer of the prediction MLP.
@@ -46,6 +50,8 @@ class DINConfig:
     history_features: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category"])
     attention_hidden: list[int] = field(default_factory=lambda: [80, 40])
     attention_softmax: bool = False
+    target_cross: bool = False
+    mlp_batch_norm: bool = False
     mlp_hidden: list[int] = field(default_factory=lambda: [200, 80])
     activation: Activation = Activation.prelu
     dropout: float = 0.0
@@ -55,7 +61,8 @@ class DIN(nn.Module):
     """DIN: the target item attends over the user's behaviours with the local activation unit (Eq. 3).
 
     ``logits = MLP([e_user, v_A, v_U(A), mean_j e_j])`` with ``v_U(A) = sum_j a(e_j, v_A) e_j`` over the most
-    recent ``history_length`` behaviours ``e_j`` and ``v_A`` the target item.
+    recent ``history_length`` behaviours ``e_j`` and ``v_A`` the target item; with ``target_cross`` the MLP also
+    reads ``v_A * v_U(A)`` and ``v_A * mean_j e_j``, with ``mlp_batch_norm`` its input is batch-normalised.
 
     Args:
         cfg: the model config.
@@ -73,7 +80,9 @@ class DIN(nn.Module):
         self.attention = TargetAttention(
             item, cfg.attention_hidden, activation=cfg.activation, softmax=cfg.attention_softmax, device=device
         )
-        width = (d if cfg.user_feature is not None else 0) + 3 * item
+        self.target_cross = cfg.target_cross
+        width = (d if cfg.user_feature is not None else 0) + (5 if cfg.target_cross else 3) * item
+        self.norm: nn.Module = nn.BatchNorm1d(width, device=device) if cfg.mlp_batch_norm else nn.Identity()
         self.mlp = MLP(
             width, cfg.mlp_hidden, out_features=require_sample_labels(schema, "din"), activation=cfg.activation,
             dropout=cfg.dropout, device=device,
@@ -85,4 +94,6 @@ class DIN(nn.Module):
         attended = self.attention(target, history, mask)  # [B, I]
         pooled = masked_mean(history, mask)  # [B, I]
         parts = [target, attended, pooled] if user is None else [user, target, attended, pooled]
-        return self.mlp(torch.cat(parts, dim=-1))  # [B, T]
+        if self.target_cross:
+            parts += [target * attended, target * pooled]
+        return self.mlp(self.norm(torch.cat(parts, dim=-1)))  # [B, T]
