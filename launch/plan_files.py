@@ -207,8 +207,7 @@ def plan_from_json(d: Mapping[str, Any]) -> ShardingPlan:
     return ShardingPlan(plan=modules)
 
 
-PLAN_TABLE_HEADER = ["module", "name", "table", "role", "rows", "dim", "sharding", "kernel", "ranks", "shards",
-                     "bytes/rank"]
+_HEADER = ["module", "name", "table", "role", "rows", "dim", "sharding", "kernel", "ranks", "shards", "bytes/rank"]
 
 
 def _world_size(sharding_plan: ShardingPlan) -> int:
@@ -288,7 +287,7 @@ def plan_table(
                     " ".join(f"{r}:{b}" for r, b in enumerate(per_rank) if b),
                 ]
             )
-    header = PLAN_TABLE_HEADER
+    header = _HEADER
     rows.append(["total"] + [""] * (len(header) - 2) + [" ".join(f"{r}:{b}" for r, b in enumerate(totals))])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     numeric = {header.index("rows"), header.index("dim")}

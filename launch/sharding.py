@@ -17,7 +17,7 @@ This module is the one import of the sharding layer (``from launch import shardi
 Imports run one way: ``sharders <- plan_files <- planning <- sharding``.
 """
 
-from launch.plan_files import PLAN_TABLE_HEADER, plan_from_json, plan_table, plan_to_json, shard_metadata, write_plan
+from launch.plan_files import plan_from_json, plan_table, plan_to_json, shard_metadata, write_plan
 from launch.planning import (
     ShardingConfig,
     TableShardingConfig,
@@ -42,7 +42,6 @@ from launch.sharders import (
 
 __all__ = [
     "COMPUTE_KERNELS",
-    "PLAN_TABLE_HEADER",
     "SHARDING_TYPES",
     "CpuEmbeddingBagCollectionSharder",
     "ShardingConfig",
