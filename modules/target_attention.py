@@ -45,6 +45,10 @@ class TargetAttention(nn.Module):
         hidden: hidden widths of the activation MLP (the paper uses ``[80, 40]``).
         activation: activation of the hidden layers.
         softmax: normalise the weights with a masked softmax.
+        factorized: compute the activation unit's first layer without building ``[v_A, e_j, v_A - e_j,
+            v_A * e_j]``: ``W [q, k, q - k, q * k] = (W_1 + W_3) q + (W_2 - W_3) k + W_4 (q * k)``, the ``q`` term
+            once per target instead of once per behaviour. The same parameters and, up to float rounding, the
+            same scores, at about half the first layer's cost and a quarter of its activation memory.
         device: where the parameters are created (``meta`` allowed).
     """
 
@@ -54,14 +58,29 @@ class TargetAttention(nn.Module):
         hidden: Sequence[int] = (80, 40),
         activation: Activation = Activation.prelu,
         softmax: bool = False,
+        factorized: bool = False,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
+        if factorized and not hidden:
+            raise ValueError("factorized target attention needs at least one hidden layer")
         self.softmax = softmax
+        self.factorized = factorized
+        self.dim = dim
         self.unit = MLP(4 * dim, hidden, out_features=1, activation=activation, device=device)
 
     def scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Unmasked activation scores ``a(e_j, v_A)``: query ``[B, D]``, keys ``[B, L, D]`` -> ``[B, L]``."""
+        if self.factorized:
+            first = self.unit.layers[0]  # Linear(4D -> H)
+            w_q, w_k, w_d, w_p = first.weight.split(self.dim, dim=1)  # each [H, D]
+            at_query = torch.nn.functional.linear(query, w_q + w_d, first.bias)  # [B, H]
+            at_keys = torch.nn.functional.linear(keys, w_k - w_d)  # [B, L, H]
+            at_both = torch.nn.functional.linear(query.unsqueeze(1) * keys, w_p)  # [B, L, H]
+            hidden = at_query.unsqueeze(1) + at_keys + at_both  # [B, L, H]
+            for layer in list(self.unit.layers)[1:]:
+                hidden = layer(hidden)
+            return hidden.squeeze(-1)  # [B, L]
         q = query.unsqueeze(1).expand_as(keys)  # [B, L, D]
         features = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # [B, L, 4D]
         return self.unit(features).squeeze(-1)  # [B, L]

@@ -34,6 +34,8 @@ class DINConfig:
         attention_hidden: hidden widths of the local activation unit (paper: 80, 40).
         attention_softmax: softmax-normalise the activation weights (the paper does not; the official DARE
             code's DIN does).
+        attention_factorized: compute the activation unit's first layer factorized (the same parameters and
+            scores up to float rounding, cheaper: ``modules.target_attention.TargetAttention``).
         target_cross: also feed ``v_A * v_U(A)`` and ``v_A * mean_j e_j`` (element-wise) to the MLP (the
             official DARE code's ``use_cross_feature``).
         mlp_batch_norm: batch-normalise the MLP input (the official DARE code's main MLP starts with BatchNorm).
@@ -50,6 +52,7 @@ class DINConfig:
     history_features: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category"])
     attention_hidden: list[int] = field(default_factory=lambda: [80, 40])
     attention_softmax: bool = False
+    attention_factorized: bool = False
     target_cross: bool = False
     mlp_batch_norm: bool = False
     mlp_hidden: list[int] = field(default_factory=lambda: [200, 80])
@@ -78,7 +81,8 @@ class DIN(nn.Module):
         )
         item = self.embedding.item_dim
         self.attention = TargetAttention(
-            item, cfg.attention_hidden, activation=cfg.activation, softmax=cfg.attention_softmax, device=device
+            item, cfg.attention_hidden, activation=cfg.activation, softmax=cfg.attention_softmax,
+            factorized=cfg.attention_factorized, device=device,
         )
         self.target_cross = cfg.target_cross
         width = (d if cfg.user_feature is not None else 0) + (5 if cfg.target_cross else 3) * item

@@ -154,3 +154,27 @@ def test_attention_builds_on_meta():
     assert all(p.is_meta for p in list(att.parameters()) + list(din.parameters()))
     out = att(torch.empty(B, D, device="meta"), torch.empty(B, L, D, device="meta"), MASK.to("meta"))
     assert out.shape == (B, 3)
+
+
+def test_factorized_target_attention_equals_the_concatenated_form():
+    """Same parameters, same scores, outputs and gradients (to float rounding), with and without softmax."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(5, 6, generator=g), torch.randn(5, 9, 6, generator=g)
+    mask = torch.rand(5, 9, generator=g) > 0.3
+    for softmax in (False, True):
+        torch.manual_seed(0)
+        plain = TargetAttention(6, (7, 4), softmax=softmax)
+        fact = TargetAttention(6, (7, 4), softmax=softmax, factorized=True)
+        fact.load_state_dict(plain.state_dict())
+        assert fact.scores(q, k).shape == (5, 9)
+        torch.testing.assert_close(fact.scores(q, k), plain.scores(q, k), atol=1e-5, rtol=1e-5)
+        out_p, out_f = plain(q, k, mask), fact(q, k, mask)
+        torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+        out_p.sum().backward()
+        out_f.sum().backward()
+        for (name, a), (_, b) in zip(plain.named_parameters(), fact.named_parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+    # a changed weight changes the factorized scores too (the split reads the live parameters)
+    with torch.no_grad():
+        fact.unit.layers[0].weight[:, 18:].add_(1.0)
+    assert not torch.allclose(fact.scores(q, k), plain.scores(q, k), atol=1e-3)
