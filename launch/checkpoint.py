@@ -137,6 +137,8 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
     Raises:
         RuntimeError: ``latest`` is unreadable or names a directory that is not a complete checkpoint.
     """
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise RuntimeError(f"{ckpt_dir} exists and is not a directory (it should hold the run's checkpoints)")
     pointer = ckpt_dir / LATEST
     if pointer.exists() and not pointer.is_file():
         raise RuntimeError(f"{pointer} is not a file (it should hold the name of the newest checkpoint)")
@@ -156,6 +158,11 @@ def latest(ckpt_dir: Path) -> Optional[Path]:
         read_meta(path)
     except (OSError, ValueError, TypeError) as e:
         raise RuntimeError(f"{path / 'meta.json'}: not a valid checkpoint description ({e})") from None
+    if not (path / ".metadata").is_file():  # DCP's own description of the shards, written last by dcp.save
+        raise RuntimeError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint (no {name}/.metadata): remove"
+            f" {pointer} to start afresh, or point it at a complete step_* directory"
+        )
     return path
 
 
