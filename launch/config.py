@@ -227,7 +227,8 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     Raises:
         ConfigError: naming the section and what was expected.
     """
-    from launch.sharding import embedding_tables, merge_constraints
+    from launch.optim import dense_groups, table_parameters
+    from launch.sharding import embedding_tables, merge_constraints, plan_from_json
 
     schema = cfg.data.schema
     try:
@@ -243,6 +244,8 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
         raise ConfigError(f"sharding: {e}") from None
     try:
         check_support(cfg.optim, tables, cfg.train.device.value)
+        table_params = {id(p) for p in table_parameters(train_module).values()}
+        dense_groups([n for n, p in train_module.named_parameters() if id(p) not in table_params], cfg.optim)
     except ValueError as e:
         raise ConfigError(f"optim: {e}") from None
     if cfg.train.device == Device.cuda and not torch.cuda.is_available():
@@ -254,9 +257,19 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     if spec.metrics not in METRIC_SETS:
         raise ConfigError(f"model ({spec.name}) names metric set {spec.metrics!r}; known: {sorted(METRIC_SETS)}")
     try:
-        MetricOptions(ks=list(cfg.eval.ks))
+        options = MetricOptions(ks=list(cfg.eval.ks))
     except ValueError as e:
         raise ConfigError(f"eval.ks: {e}") from None
+    from launch.evaluation import metric_names, task_names
+
+    metric = cfg.eval.best_metric or spec.select_metric
+    names = metric_names(spec.metrics, task_names(spec.metrics, schema), options)
+    if metric not in names:
+        source = "eval.best_metric" if cfg.eval.best_metric else f"model ({spec.name}) select_metric"
+        raise ConfigError(
+            f"{source} {metric!r} is not computed by the {spec.metrics!r} metric set of model ({spec.name}); it"
+            f" computes {names}"
+        )
     groups = schema.sequence_groups()
     try:
         caps = spec.sequence_caps(cfg.model, schema)
@@ -283,15 +296,30 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} exists and is not a directory")
+    parent = next((a for a in run_dir.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"run_dir {run_dir} cannot be created: {parent} is not a directory")
+    for entry, want_dir in (("checkpoints", True), ("best", True), ("tb", True), ("config.yaml", False),
+                            ("plan.txt", False), ("plan.json", False), ("metrics.json", False)):
+        path = run_dir / entry
+        if path.exists() and path.is_dir() != want_dir:
+            kind = "a directory" if want_dir else "a file"
+            raise ConfigError(f"run_dir {run_dir}: {path} exists and is not {kind} (the run writes it)")
     plan_path = cfg.sharding.plan_path
     if plan_path:
         p = Path(plan_path)
         if not p.is_file():
             raise ConfigError(f"sharding.plan_path {p}: no such file (a plan.json written by an earlier run)")
         try:
-            json.loads(p.read_text())
+            loaded = json.loads(p.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"sharding.plan_path {p}: not a readable plan JSON ({e})") from None
+        try:
+            if not isinstance(loaded, dict) or not all(isinstance(t, dict) for t in loaded.values()):
+                raise ValueError("expected an object: module path -> {table: {sharding_type, compute_kernel, ...}}")
+            plan_from_json(loaded)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ConfigError(f"sharding.plan_path {p}: not a plan.json written by an earlier run ({e})") from None
 
 
 def dump_config(resolved: DictConfig) -> str:

@@ -18,8 +18,27 @@ from torch import nn
 
 from datasets.config import DataConfig
 from datasets.reader import eval_batches, eval_loader
+from datasets.schema import SchemaConfig
 from launch.metrics import METRIC_SETS, MetricOptions, gather_rows
 from models.base import TrainOutput
+
+
+def task_names(metric_set: str, schema: SchemaConfig) -> list[str]:
+    """The task names evaluation reports: the scalar labels, or the sequence labels (ranking without scalar
+    labels, or a schema that has only sequence labels)."""
+    if metric_set == "ranking" and not schema.labels:
+        return [f.name for f in schema.sequence_labels]
+    return list(schema.labels) or [f.name for f in schema.sequence_labels]
+
+
+def metric_names(metric_set: str, tasks: Sequence[str], options: MetricOptions) -> list[str]:
+    """The numeric metrics ``metric_set`` computes for ``tasks`` (its keys on two made-up rows), sorted: what
+    ``eval.best_metric`` may name."""
+    t = len(tasks)
+    labels = torch.tensor([[0.0] * t, [1.0] * t])  # [2, T] one negative and one positive row
+    m = METRIC_SETS[metric_set](torch.zeros(2, t), labels, torch.zeros(2, dtype=torch.long), list(tasks),
+                                options=options)
+    return sorted(k for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def split_config(data: DataConfig, paths: Sequence[str]) -> DataConfig:

@@ -25,10 +25,11 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from datasets.batch import Batch
-from datasets.reader import expand_paths, steps_per_epoch, train_loader
+from datasets.reader import count_rows, expand_paths, steps_per_epoch, train_loader
+from datasets.schema import DataError
 from launch import checkpoint, sharding
 from launch.config import ConfigError, Device, ExperimentConfig, dump_config
-from launch.evaluation import Best, evaluate, max_ranks, split_config, sum_ranks
+from launch.evaluation import Best, evaluate, max_ranks, split_config, sum_ranks, task_names
 from launch.metrics import MetricOptions
 from launch.optim import apply_sparse_optimizers, build_optimizer
 from models.base import TrainOutput
@@ -119,7 +120,14 @@ def _json_safe(x: Any) -> Any:
 def total_steps(cfg: ExperimentConfig, world_size: int) -> int:
     """The run's optimizer steps: ``epochs * steps_per_epoch`` with ``train.epochs``, else ``train.max_steps``."""
     if cfg.train.epochs:
-        return cfg.train.epochs * steps_per_epoch(cfg.data, world_size)
+        spe = steps_per_epoch(cfg.data, world_size)
+        if spe < 1:  # what the reader would raise, before training "0 epochs" and reporting success
+            raise DataError(
+                f"{cfg.data.train_paths}: {count_rows(cfg.data.train_paths)} rows give no step per epoch with"
+                f" world_size x batch_size = {world_size} x {cfg.data.batch_size}"
+                + (" and data.drop_last=true" if cfg.data.drop_last else "")
+            )
+        return cfg.train.epochs * spe
     return cfg.train.max_steps
 
 
@@ -152,7 +160,7 @@ class Trainer:
         self.points = eval_points(cfg, env.world_size, self.total)
         self.position = self.data_position()
         self.options = MetricOptions(ks=list(cfg.eval.ks))
-        self.tasks = self._task_names()
+        self.tasks = task_names(spec.metrics, self.schema)
         metric = cfg.eval.best_metric or spec.select_metric
         mode = cfg.eval.best_mode if cfg.eval.best_mode != "auto" else ("min" if "loss" in metric else "max")
         self.best = Best(metric, mode)
@@ -165,11 +173,6 @@ class Trainer:
         self.writer: Optional[SummaryWriter] = None
 
     # ------------------------------------------------------------------------------------------ phases
-
-    def _task_names(self) -> list[str]:
-        if self.spec.metrics == "ranking" and not self.schema.labels:
-            return [f.name for f in self.schema.sequence_labels]
-        return list(self.schema.labels) or [f.name for f in self.schema.sequence_labels]
 
     def data_position(self) -> dict[str, Any]:
         """The settings the training stream is a function of (besides rank and world size): a step count means
