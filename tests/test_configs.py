@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from launch.config import ConfigError, ExperimentConfig, load_config, validate_experiment
+from launch.config import ConfigError, ExperimentConfig, _read_yaml, load_config, validate_experiment
 from models.registry import all_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,10 @@ def test_config_count():
     assert len(shared) == EXPECTED_SHARED_COUNT, shared
 
 
+# What python -m datasets.taobao's meta.json holds (its table names), small.
+FIXTURE_TABLE_SIZES = {"t_user_id": 101, "t_item_id": 1001, "t_item_category": 51, "t_hist_behavior_type": 5}
+
+
 def _as_experiment(path: Path, tmp_path: Path) -> Path:
     """An experiment file for a partial config: datasets get a model, models get the tiny data set."""
     raw = OmegaConf.load(path)
@@ -45,8 +50,14 @@ def _as_experiment(path: Path, tmp_path: Path) -> Path:
         includes.append(str(ROOT / f"configs/models/{ENTRIES[0]}.yaml"))
     if "data" not in raw and "includes" not in raw:
         includes.insert(0, str(ROOT / "configs/datasets/synthetic_tiny.yaml"))
+    doc: dict = {"includes": includes}
+    if OmegaConf.select(_read_yaml(path), "data.meta_path"):
+        # Table sizes come from a converter's meta.json that a fresh clone does not have: stand one in.
+        meta = tmp_path / "meta.json"
+        meta.write_text(json.dumps({"table_sizes": FIXTURE_TABLE_SIZES}))
+        doc["data"] = {"meta_path": str(meta)}
     exp = tmp_path / "exp.yaml"
-    exp.write_text(OmegaConf.to_yaml({"includes": includes}))
+    exp.write_text(OmegaConf.to_yaml(doc))
     return exp
 
 
