@@ -165,8 +165,9 @@ def _strict_merge(schema: DictConfig, *others: DictConfig) -> DictConfig:
         raise ConfigError(
             f"unknown config key '{e.full_key}' in section '{section}'; valid keys: {', '.join(keys)}"
         ) from None
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config value at '{getattr(e, 'full_key', '?')}': {e.msg if hasattr(e, 'msg') else e}") from None
+    except OmegaConfBaseException as e:  # its first line says what; the rest repeats full_key and type names
+        what = str(e.msg if hasattr(e, "msg") else e).strip().splitlines()[0]
+        raise ConfigError(f"invalid config value at '{getattr(e, 'full_key', '?')}': {what}") from None
     except (TypeError, ValueError) as e:  # e.g. a list where the schema has a mapping
         raise ConfigError(f"config does not fit the schema: {e}") from None
 
@@ -210,7 +211,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
     try:
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{path}: {str(e).strip().splitlines()[0]}") from None
     assert isinstance(cfg, ExperimentConfig)
     try:
         cfg.data.schema = apply_table_sizes(cfg.data.schema, cfg.data.meta_path)

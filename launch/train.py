@@ -40,6 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _one_line(message: str) -> str:
+    """A message listing several problems on separate lines, as one line (the exit-2/3 contract)."""
+    out = ""
+    for line in (x.strip() for x in str(message).splitlines()):
+        if line:
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML")
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, spec, resolved = load_config(args.config, args.overrides)
         validate_experiment(cfg, spec)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        print(f"config error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     env = _env()
     # On GPUs, CPU tensors (evaluation step agreement, timings) still need a backend: gloo beside nccl.
@@ -65,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e)
         if "Original Traceback" in msg:
             msg = msg.rsplit("DataError: ", 1)[-1].strip()
-        print(f"[rank {env.rank}] data error: {msg}", file=sys.stderr, flush=True)
+        print(f"[rank {env.rank}] data error: {_one_line(msg)}", file=sys.stderr, flush=True)
         return 3
     except ConfigError as e:  # found once the run directory is known (checkpoints from another run)
-        print(f"[rank {env.rank}] config error: {e}", file=sys.stderr, flush=True)
+        print(f"[rank {env.rank}] config error: {_one_line(str(e))}", file=sys.stderr, flush=True)
         return 2
     finally:
         dist.destroy_process_group()

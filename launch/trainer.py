@@ -398,9 +398,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Trains and evaluates; returns the metrics (the same dict on every rank)."""
         found = self.check_resumable()
-        # Open every evaluation file now (footers and columns only), not after all of training.
+        # Open every data file now (footers and columns only): the training files before the model is built, the
+        # evaluation files not after all of training.
         from datasets.reader import eval_batches
 
+        train_loader(self.cfg.data, self.env.rank, self.env.world_size, sequence_caps=self.caps,
+                     epochs=self.cfg.train.epochs or None)
         eval_batches(self.cfg.data, self.env.world_size, self.caps)
         if self.cfg.data.test_paths:
             eval_batches(split_config(self.cfg.data, list(self.cfg.data.test_paths)), self.env.world_size, self.caps)
