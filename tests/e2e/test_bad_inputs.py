@@ -249,7 +249,7 @@ CASES: dict[str, tuple[Callable[[Ctx], list[str]], int, list[str]]] = {
     "adam_for_one_table_on_cpu": (lambda c: c.args("optim.tables={t_item_id: {optimizer: adam}}"), 2,
                                   ["'adam' (table t_item_id)"]),
     "optim_table_unknown": (lambda c: c.args("optim.tables={t_nope: {lr: 0.1}}"), 2,
-                            ["optim.tables names ['t_nope']", "['t_item_category', 't_item_id', 't_user_id']"]),
+                            ["optim: optim.tables", "['t_nope']", "'t_item_category'", "'t_item_id'", "'t_user_id'"]),
     "dense_group_matching_nothing": (lambda c: c.args("optim.dense_groups={g: {params: [nope.*]}}"), 2,
                                      ["optim.dense_groups ['g'] match no dense parameter"]),
     "dense_group_named_default": (lambda c: c.args("optim.dense_groups={default: {params: [model.*]}}"), 2,

@@ -101,12 +101,14 @@ def test_cli_adam_on_cpu_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_table_key_matching_no_table_lists_the_tables() -> None:
     with pytest.raises(ValueError) as e:
         table_settings(OptimConfig(tables={"t_nope": SparseGroupConfig(lr=0.1)}), DIN_TABLES)
-    assert str(e.value) == f"optim.tables names ['t_nope'], which match no table of the model; its tables: {DIN_TABLES}"
+    msg = str(e.value)
+    assert msg.startswith("optim.tables") and "['t_nope']" in msg and all(f"'{t}'" in msg for t in DIN_TABLES)
     with pytest.raises(ValueError, match=r"\['x_\*'\]"):  # a glob matching nothing, too
         table_settings(OptimConfig(tables={"t_*": SparseGroupConfig(), "x_*": SparseGroupConfig()}), DIN_TABLES)
     with pytest.raises(ConfigError) as ce:
         _validate("optim.tables={t_nope: {lr: 0.1}}")
-    assert "['t_nope']" in str(ce.value) and f"its tables: {DIN_TABLES}" in str(ce.value)
+    msg = str(ce.value)
+    assert msg.startswith("optim: optim.tables") and "['t_nope']" in msg and all(f"'{t}'" in msg for t in DIN_TABLES)
 
 
 def test_exact_name_beats_glob_and_first_glob_wins() -> None:
