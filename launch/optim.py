@@ -135,28 +135,18 @@ def table_settings(cfg: OptimConfig, tables: Iterable[str]) -> dict[str, SparseG
     Raises:
         ValueError: an ``optim.tables`` key matches no table (the message lists the tables).
     """
+    from launch.planning import select_tables
+
     tables = list(tables)
-    used: set[str] = set()
+    chosen = select_tables(cfg.tables, tables, where="optim.tables")
     out: dict[str, SparseGroupConfig] = {}
     for t in tables:
-        entry = cfg.tables.get(t)
-        key = t if entry is not None else None
-        if entry is None:
-            for k, v in cfg.tables.items():
-                if fnmatch.fnmatchcase(t, k):
-                    entry, key = v, k
-                    break
-        if key is not None:
-            used.add(key)
-        entry = entry or SparseGroupConfig()
+        entry = cfg.tables[chosen[t]] if t in chosen else SparseGroupConfig()
         out[t] = SparseGroupConfig(
             optimizer=SparseOptimizer(entry.optimizer) if entry.optimizer is not None else cfg.sparse,
             lr=entry.lr if entry.lr is not None else cfg.sparse_lr,
             eps=entry.eps if entry.eps is not None else 1e-8,
         )
-    unused = [k for k in cfg.tables if k not in used and not any(fnmatch.fnmatchcase(t, k) for t in tables)]
-    if unused:
-        raise ValueError(f"optim.tables names {unused}, which match no table of the model; its tables: {sorted(tables)}")
     return out
 
 
