@@ -9,8 +9,9 @@ equal timestamps keep their order in the file (that is what "file order" means b
 that order (grouped by user, users in increasing id order, each user's rows time-ordered) is read as it is;
 any other file (a time-ordered slice, or a file grouped in another user order) is first sorted out of core
 into a temporary Arrow data set in the output's temporary folder (sorted runs of ``sort_rows`` rows, then a
-k-way merge), with memory bounded by ``sort_rows``. The output therefore depends on the rows only, never on how the file
-lays them out (apart from the order of one user's rows with equal timestamps).
+k-way merge: :mod:`datasets.taobao_csv`), with memory bounded by ``sort_rows``. The output therefore depends
+on the rows only, never on how the file lays them out (apart from the order of one user's rows with equal
+timestamps).
 
 Protocol (DARE, ``thuml/DARE`` ``preprocess/taobao_v4.py``):
 
@@ -43,10 +44,12 @@ for schema uniformity), ``hist_time_delta`` (target timestamp - behaviour timest
 whole into a temporary folder beside it and swapped in at the end (:mod:`datasets.convert_io`): a failed
 or killed conversion leaves a previous ``OUT`` complete.
 
-The CSV is streamed with ``pyarrow.csv.open_csv`` (pass 1: validation, order check, id maps, frequencies,
-per-user counts; pass 2: samples), so memory is bounded by the id maps, one CSV block and one group of
-users (and ``sort_rows`` rows while sorting). Bad input raises one :class:`DataError` naming the file and,
-for a malformed row, the line, the column and the expected value; so does a ``min_pv`` that no user meets.
+The CSV is streamed with ``pyarrow.csv.open_csv`` and validated block by block (:mod:`datasets.taobao_csv`)
+in two passes (pass 1, here: order check, id maps, frequencies, per-user counts; pass 2, in
+:mod:`datasets.taobao_samples`: samples), so memory is bounded by the id maps, one CSV block and one group
+of users (and ``sort_rows`` rows while sorting). Bad input raises one :class:`DataError` naming the file
+and, for a malformed row, the line, the column and the expected value; so does a ``min_pv`` that no user
+meets.
 
 CLI (exit 0; 1 the output cannot be written; 2 bad arguments or an ``--out`` that is not a previous output;
 3 bad input; errors are one line on stderr)::
@@ -59,29 +62,23 @@ CLI (exit 0; 1 the output cannot be written; 2 bad arguments or an ``--out`` tha
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import shutil
-import stat
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
-from datasets.canonical import BEHAVIOR_TYPES, canonical_arrow_schema, canonical_schema, canonical_table
+from datasets.canonical import canonical_schema
 from datasets.convert_io import OutputError, staged_output
 from datasets.schema import DataError, SchemaConfig
+from datasets.taobao_csv import _Block, _blocks, _merged_blocks, _sort_runs
+from datasets.taobao_samples import _NoNegatives, _SplitWriter, _pass2
 
 __all__ = ["TaobaoParams", "convert", "taobao_schema", "main"]
 
-_COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 _SPLITS = ("train", "valid", "test")
 #: What an output folder holds (anything else makes :func:`convert` refuse to replace it).
 _OUTPUT_ENTRIES = {"meta.json": "file", **{s: "part-*.parquet" for s in _SPLITS}}
@@ -149,215 +146,6 @@ class TaobaoParams:
             )
         if problems:
             raise ValueError("invalid TaobaoParams: need " + "; ".join(problems))
-
-
-# ------------------------------------------------------------------------------------------------ CSV
-
-
-@dataclass
-class _Block:
-    """Validated rows of one CSV block, or of the sorted data. Shapes: R rows of the block."""
-
-    users: np.ndarray  # [R] int64 raw ids
-    items: np.ndarray  # [R] int64
-    cats: np.ndarray  # [R] int64
-    pv: np.ndarray  # [R] bool
-    ts: np.ndarray  # [R] int64
-
-    def slice(self, start: int, stop: Optional[int] = None) -> "_Block":
-        return _Block(*(getattr(self, k)[start:stop] for k in _BLOCK_FIELDS))
-
-
-_BLOCK_FIELDS = ("users", "items", "cats", "pv", "ts")
-
-
-def _concat(blocks: list[_Block]) -> _Block:
-    return _Block(*(np.concatenate([getattr(b, k) for b in blocks]) for k in _BLOCK_FIELDS))
-
-
-def _locate_bad_line(path: str) -> tuple[int, int, str]:
-    """(line number, field count, text) of the first line without 5 fields (error path only; streams)."""
-    try:
-        with open(path, newline="", errors="replace") as fh:
-            for number, fields in enumerate(csv.reader(fh), start=1):
-                if len(fields) != len(_COLUMNS):
-                    return number, len(fields), ",".join(fields)[:200]
-    except (OSError, csv.Error):
-        pass
-    return -1, -1, ""
-
-
-def _input_problem(path: str) -> Optional[str]:
-    """Why ``path`` cannot be read at all (missing, a folder, unreadable, empty), or None."""
-    try:
-        st = os.stat(path)
-        if stat.S_ISDIR(st.st_mode):
-            return "is a folder; expected the UserBehavior CSV file"
-        with open(path, "rb") as fh:
-            fh.read(1)
-    except FileNotFoundError:
-        return "no such file"
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    if st.st_size == 0:
-        return f"empty file; expected rows {','.join(_COLUMNS)}"
-    return None
-
-
-def _blocks(path: str, block_size: int) -> Iterator[_Block]:
-    """Streams the CSV block by block, validating every value.
-
-    Raises:
-        DataError: missing, empty or unreadable file, or the first malformed row (line, column, expected
-            value).
-    """
-    problem = _input_problem(path)
-    if problem:
-        raise DataError(f"{path}: {problem}")
-
-    def parse_error(e: pa.ArrowException, after: int) -> DataError:
-        """The first line with a wrong field count (pyarrow's message has no line number), else ``e``."""
-        number, count, text = _locate_bad_line(path) if "columns, got" in str(e) else (-1, -1, "")
-        if number > after:
-            return DataError(
-                f"{path}: line {number}: {count} fields ({text!r}); expected {len(_COLUMNS)} columns "
-                f"{','.join(_COLUMNS)}"
-            )
-        return DataError(f"{path}: cannot read as CSV from line {after + 1} on: {' '.join(str(e).split())}")
-
-    try:
-        reader = pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=_COLUMNS, block_size=block_size),
-            parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in _COLUMNS}),
-        )
-    except pa.ArrowException as e:
-        raise parse_error(e, 0) from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    line = 1
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except pa.ArrowException as e:
-            raise parse_error(e, line - 1) from None
-
-        def check(column: str, ok: pa.Array, expected: str) -> None:
-            good = ok.to_numpy(zero_copy_only=False)
-            if not good.all():
-                i = int(np.argmin(good))
-                value = batch.column(column)[i].as_py()
-                raise DataError(f"{path}: line {line + i}, column {column!r}: value {value!r}; expected {expected}")
-
-        for column in ("user_id", "item_id", "category_id"):
-            check(column, pc.match_substring_regex(batch.column(column), r"^[0-9]{1,18}$"), "a non-negative integer id")
-        check("timestamp", pc.match_substring_regex(batch.column("timestamp"), r"^-?[0-9]{1,18}$"), "an integer unix timestamp (seconds)")
-        btype = batch.column("behavior_type")
-        check("behavior_type", pc.is_in(btype, value_set=pa.array(list(BEHAVIOR_TYPES))), f"one of {'|'.join(BEHAVIOR_TYPES)}")
-
-        def ints(column: str) -> np.ndarray:
-            return pc.cast(batch.column(column), pa.int64()).to_numpy()
-
-        yield _Block(
-            users=ints("user_id"),
-            items=ints("item_id"),
-            cats=ints("category_id"),
-            pv=pc.equal(btype, "pv").to_numpy(zero_copy_only=False),
-            ts=ints("timestamp"),
-        )
-        line += batch.num_rows
-
-
-# ------------------------------------------------------------------------------------ out-of-core sort
-
-
-def _run_batch_rows(p: TaobaoParams) -> int:
-    """Rows per record batch of a sorted run: the unit the merge holds per run."""
-    return max(1, min(65_536, p.sort_rows // 4))
-
-
-def _sort_runs(path: str, p: TaobaoParams, folder: Path) -> list[Path]:
-    """Sorts the CSV in runs of ``sort_rows`` rows, each stably by (user, timestamp), into Arrow files.
-
-    Returns:
-        The run files, in file order (run ``r`` holds rows that come before those of run ``r + 1``).
-    """
-    folder.mkdir()
-    runs: list[Path] = []
-    pending: list[_Block] = []
-    pending_rows = 0
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
-
-    def spill(b: _Block) -> None:
-        order = np.lexsort((b.ts, b.users))  # stable: ties keep the file order
-        table = pa.table({k: getattr(b, k)[order] for k in _BLOCK_FIELDS})
-        run = folder / f"run-{len(runs):05d}.arrow"
-        with pa.ipc.new_file(run, table.schema, options=options) as writer:
-            writer.write_table(table, max_chunksize=_run_batch_rows(p))
-        runs.append(run)
-
-    for b in _blocks(path, p.block_size):
-        pending.append(b)
-        pending_rows += len(b.users)
-        while pending_rows >= p.sort_rows:
-            rows = _concat(pending)
-            spill(rows.slice(0, p.sort_rows))
-            rest = rows.slice(p.sort_rows)
-            pending, pending_rows = [rest], len(rest.users)
-    if pending_rows:
-        spill(_concat(pending))
-    return runs
-
-
-def _merged_blocks(runs: list[Path]) -> Iterator[_Block]:
-    """The rows of the sorted runs in (user, timestamp, run, position in run) order: a k-way merge holding
-    one record batch per run.
-
-    Each step emits every buffered row whose key is at most the bound ``(user, timestamp, run)`` of the
-    last buffered row of the run whose buffer ends lowest among runs with batches left: no row still
-    unread can sort before it, and that run's buffer empties, so every step makes progress.
-    """
-    readers = [pa.ipc.open_file(pa.memory_map(str(r))) for r in runs]
-    next_batch = [0] * len(readers)
-    buffers: list[Optional[_Block]] = [None] * len(readers)
-
-    def load(r: int) -> None:
-        if next_batch[r] < readers[r].num_record_batches:
-            rb = readers[r].get_batch(next_batch[r])
-            next_batch[r] += 1
-            buffers[r] = _Block(*(rb.column(k).to_numpy(zero_copy_only=False) for k in _BLOCK_FIELDS))
-        else:
-            buffers[r] = None
-
-    for r in range(len(readers)):
-        load(r)
-    while True:
-        live = [r for r, b in enumerate(buffers) if b is not None]
-        if not live:
-            return
-        more = [r for r in live if next_batch[r] < readers[r].num_record_batches]
-        take: dict[int, int] = {}
-        if more:
-            bound_run = min(more, key=lambda r: (buffers[r].users[-1], buffers[r].ts[-1], r))
-            bu, bt = buffers[bound_run].users[-1], buffers[bound_run].ts[-1]
-            for r in live:
-                b = buffers[r]
-                keep = (b.users < bu) | ((b.users == bu) & ((b.ts < bt) | ((b.ts == bt) & (r <= bound_run))))
-                take[r] = int(np.count_nonzero(keep))  # a prefix: the buffer is sorted
-        else:
-            take = {r: len(buffers[r].users) for r in live}
-        out = _concat([buffers[r].slice(0, take[r]) for r in live])  # runs in order, each in order
-        order = np.lexsort((out.ts, out.users))  # stable: ties keep (run, position)
-        yield _Block(*(getattr(out, k)[order] for k in _BLOCK_FIELDS))
-        for r in live:
-            rest = buffers[r].slice(take[r])
-            if len(rest.users):
-                buffers[r] = rest
-            else:
-                load(r)
 
 
 # --------------------------------------------------------------------------------------------- pass 1
@@ -438,205 +226,6 @@ def _pass1(blocks: Iterable[_Block], path: str) -> Optional[_Stats]:
         pv_rows=pv_rows,
         csv_users=csv_users,
     )
-
-
-# --------------------------------------------------------------------------------------------- pass 2
-
-
-class _SplitWriter:
-    """Buffers canonical tables and writes row groups of ``row_group_size`` rows into rotating files."""
-
-    def __init__(self, out: Path, row_group_size: int, rows_per_file: int) -> None:
-        out.mkdir(parents=True)
-        self.out, self.row_group_size, self.rows_per_file = out, row_group_size, rows_per_file
-        self.schema = canonical_arrow_schema()
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.writer: Optional[pq.ParquetWriter] = None
-        self.file_rows = 0
-        self.files = 0
-        self.rows = 0
-        self.positives = 0
-
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        self.rows += table.num_rows
-        self.positives += int(pc.sum(table.column("label")).as_py() or 0)
-        while self.pending_rows >= self._next_group_rows():
-            self._flush(self._next_group_rows())
-
-    def _next_group_rows(self) -> int:
-        return min(self.row_group_size, self.rows_per_file - self.file_rows)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.pending)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.out / f"part-{self.files:05d}.parquet", self.schema)
-            self.files += 1
-        self.writer.write_table(table.slice(0, n), row_group_size=n)
-        self.file_rows += n
-        rest = table.slice(n)
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self.file_rows >= self.rows_per_file:
-            self.writer.close()
-            self.writer, self.file_rows = None, 0
-
-    def close(self) -> dict:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-        if self.writer is not None:
-            self.writer.close()
-        if self.files == 0:  # an empty split still gets one (empty) file so readers see the schema
-            pq.write_table(self.schema.empty_table(), self.out / "part-00000.parquet")
-            self.files = 1
-        return {"rows": self.rows, "positives": self.positives, "files": self.files}
-
-
-class _NoNegatives(Exception):
-    """Negative sampling gave up: some users have viewed (nearly) every item."""
-
-    def __init__(self, users: int) -> None:
-        super().__init__(users)
-        self.users = users
-
-
-def _sample_negatives(
-    rng: np.random.Generator,
-    owners: np.ndarray,
-    user_items: np.ndarray,
-    item_cdf: np.ndarray,
-    num_items: int,
-) -> np.ndarray:
-    """One negative per entry of ``owners`` (local user index), ∝ frequency, not in that user's pv items.
-
-    Args:
-        owners: ``[M]`` local user index of each negative.
-        user_items: sorted unique keys ``local_user * (num_items + 1) + item`` of the group's pv events.
-        item_cdf: ``[I]`` cumulative pv counts of items ``1..I``.
-    """
-    out = np.zeros(len(owners), dtype=np.int64)
-    todo = np.arange(len(owners))
-    for _ in range(1000):
-        if not len(todo):
-            return out
-        cand = np.searchsorted(item_cdf, rng.integers(0, item_cdf[-1], len(todo)), side="right") + 1
-        keys = owners[todo] * (num_items + 1) + cand
-        at = np.minimum(np.searchsorted(user_items, keys), len(user_items) - 1)
-        seen = user_items[at] == keys
-        out[todo[~seen]] = cand[~seen]
-        todo = todo[seen]
-    raise _NoNegatives(len(np.unique(owners[todo])))
-
-
-def _group_samples(
-    users: np.ndarray,
-    items: np.ndarray,
-    cats: np.ndarray,
-    ts: np.ndarray,
-    stats: _Stats,
-    p: TaobaoParams,
-    rng: np.random.Generator,
-    item_cdf: np.ndarray,
-) -> dict[str, pa.Table]:
-    """Samples of a group of kept users, per split.
-
-    Args:
-        users, items, cats, ts: ``[E]`` the group's pv events (new ids) in (user, timestamp) order, ties
-            in file order.
-    """
-    starts = np.flatnonzero(np.concatenate([[True], users[1:] != users[:-1]]))  # [m] each user's first event
-    m = len(starts)
-    local = np.repeat(np.arange(m), np.diff(np.append(starts, len(users))))  # [E] user index in the group
-    user_start = starts
-    user_end = np.append(starts[1:], len(users))
-    user_ids = users[user_start]
-    num_items = len(stats.items)
-    user_items = np.unique(local * (num_items + 1) + items)
-    k = p.negatives
-    out: dict[str, pa.Table] = {}
-    for split, offsets in p.target_offsets().items():
-        n_t = len(offsets)
-        tgt = (user_end[:, None] - offsets[None, :]).reshape(-1)  # [m * n_t] event index of each target
-        owner = np.repeat(np.arange(m), n_t)  # [m * n_t]
-        h_start = np.maximum(user_start[owner], tgt - p.max_len)
-        h_len = tgt - h_start
-        neg = _sample_negatives(rng, np.repeat(owner, k), user_items, item_cdf, num_items).reshape(-1, k)
-        row_item = np.concatenate([items[tgt][:, None], neg], axis=1).reshape(-1)  # [m * n_t * (1 + k)]
-        row_cat = np.concatenate([cats[tgt][:, None], stats.item_cat[neg]], axis=1).reshape(-1)
-        label = np.tile(np.concatenate([[1.0], np.zeros(k)]), len(tgt)).astype(np.float32)
-        r_start, r_len, r_ts = (np.repeat(x, 1 + k) for x in (h_start, h_len, ts[tgt]))
-        r_off = np.zeros(len(r_len) + 1, dtype=np.int64)
-        np.cumsum(r_len, out=r_off[1:])
-        pos = np.arange(r_off[-1], dtype=np.int64) + np.repeat(r_start - r_off[:-1], r_len)  # history events
-        out[split] = canonical_table(
-            user_id=np.repeat(user_ids[owner], 1 + k),
-            item_id=row_item,
-            item_category=row_cat,
-            hist_lengths=r_len,
-            hist_item_id=items[pos],
-            hist_category=cats[pos],
-            hist_behavior_type=np.full(len(pos), BEHAVIOR_TYPES["pv"], dtype=np.int64),
-            hist_time_delta=(np.repeat(r_ts, r_len) - ts[pos]).astype(np.float32),
-            label=label,
-        )
-    return out
-
-
-def _pass2(blocks: Iterable[_Block], stats: _Stats, p: TaobaoParams, writers: dict[str, _SplitWriter]) -> int:
-    """Writes the samples of the kept users, ``users_per_group`` at a time; returns the kept users.
-
-    Args:
-        blocks: the rows in (user, timestamp) order, ties in file order.
-    """
-    item_cdf = np.cumsum(stats.item_count[1:])
-    pending: list[tuple[np.ndarray, ...]] = []  # complete kept users' events, in order
-    pending_users = 0
-    carry = (np.empty(0, np.int64),) * 4  # events of the user still open at the end of the last block
-    group = 0
-    kept_users = 0
-
-    def flush(n_users: int) -> None:
-        nonlocal pending, pending_users, group
-        events = [np.concatenate(cols) for cols in zip(*pending)]
-        starts = np.flatnonzero(np.concatenate([[True], events[0][1:] != events[0][:-1]]))
-        cut = len(events[0]) if n_users >= len(starts) else int(starts[n_users])
-        now, rest = [e[:cut] for e in events], [e[cut:] for e in events]
-        tables = _group_samples(*now, stats, p, np.random.default_rng([p.seed, group]), item_cdf)
-        for split, table in tables.items():
-            writers[split].add(table)
-        group += 1
-        pending = [tuple(rest)] if len(rest[0]) else []
-        pending_users -= min(n_users, len(starts))
-
-    def add_complete(users: np.ndarray, items: np.ndarray, cats: np.ndarray, ts: np.ndarray) -> None:
-        nonlocal pending_users, kept_users
-        keep = stats.user_pv[users] >= p.min_pv
-        if not keep.any():
-            return
-        users, items, cats, ts = users[keep], items[keep], cats[keep], ts[keep]
-        n_new = int(np.count_nonzero(np.concatenate([[True], users[1:] != users[:-1]])))
-        kept_users += n_new
-        pending.append((users, items, cats, ts))
-        pending_users += n_new
-        while pending_users >= p.users_per_group:
-            flush(p.users_per_group)
-
-    for b in blocks:
-        pv = b.pv
-        users = np.searchsorted(stats.users, b.users[pv]) + 1
-        items = np.searchsorted(stats.items, b.items[pv]) + 1
-        cats = np.searchsorted(stats.cats, b.cats[pv]) + 1
-        ev = [np.concatenate([c, x]) for c, x in zip(carry, (users, items, cats, b.ts[pv]))]
-        if not len(ev[0]):
-            continue
-        last_start = int(np.flatnonzero(np.concatenate([[True], ev[0][1:] != ev[0][:-1]]))[-1])
-        add_complete(*(e[:last_start] for e in ev))
-        carry = tuple(e[last_start:] for e in ev)
-    add_complete(*carry)
-    if pending_users:
-        flush(pending_users)
-    return kept_users
 
 
 def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoParams] = None) -> dict:
