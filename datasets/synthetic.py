@@ -389,6 +389,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted; {a.out} is unchanged", file=sys.stderr)
         return 130
+    except OSError as e:  # writing the output: disk full, permissions
+        print(f"error: {e}; {a.out} is unchanged", file=sys.stderr)
+        return 1
     print(json.dumps({"out": a.out, "splits": meta["splits"], "table_sizes": meta["table_sizes"]}, indent=2))
     return 0
 

@@ -172,6 +172,17 @@ def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_cli_write_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pq, "ParquetWriter", no_space)
+    assert main(["--out", str(tmp_path / "out"), "--num-samples", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "No space left on device" in err and err.count("\n") == 1
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 TINY = SyntheticParams(num_samples=400, num_eval_samples=100, num_users=20, num_items=300, num_categories=30,
                        num_clusters=5, max_seq_len=50, files=2, row_group_size=64, seed=1)
 
