@@ -48,6 +48,9 @@ class SparseOptimizer(enum.Enum):
     adagrad = "adagrad"
     rowwise_adagrad = "rowwise_adagrad"
     adam = "adam"
+    # Not fused: the tables are not sharded but replicated on every rank (DDP all-reduces their dense gradients)
+    # and trained by torch.optim.Adam, the official DARE code's optimizer. For tables that fit every rank.
+    replicated_adam = "replicated_adam"
 
 
 class DenseOptimizer(enum.Enum):
@@ -150,16 +153,35 @@ def table_settings(cfg: OptimConfig, tables: Iterable[str]) -> dict[str, SparseG
     return out
 
 
+def replicated(cfg: OptimConfig, tables: Iterable[str]) -> bool:
+    """Whether the tables are replicated and trained by torch Adam (``replicated_adam``) instead of sharded.
+
+    Raises:
+        ValueError: only some tables are ``replicated_adam`` (the model's collections are replicated whole).
+    """
+    settings = table_settings(cfg, tables)
+    kinds = {t: s.optimizer is SparseOptimizer.replicated_adam for t, s in settings.items()}
+    if any(kinds.values()) and not all(kinds.values()):
+        raise ValueError(
+            f"replicated_adam must be the optimizer of every table (collections are replicated whole); it is set"
+            f" for {sorted(t for t, r in kinds.items() if r)} but not {sorted(t for t, r in kinds.items() if not r)}"
+        )
+    return bool(kinds) and all(kinds.values())
+
+
 def check_support(cfg: OptimConfig, tables: Iterable[str], device_type: str) -> None:
     """Fails (ValueError) when a table's fused optimizer does not exist on ``device_type``, naming the table."""
+    tables = list(tables)
+    if replicated(cfg, tables):
+        return
     supported = FUSED_SUPPORT.get(device_type, ())
     for t, s in table_settings(cfg, tables).items():
         if s.optimizer not in supported:
             raise ValueError(
                 f"fused sparse optimizer {s.optimizer.value!r} (table {t}) is not implemented by fbgemm-gpu on"
                 f" {device_type}; {device_type} supports {[o.value for o in supported]} (cuda also has adam)."
-                " For the official DARE protocol's Adam on embeddings on CPU, use optim.sparse=adagrad (the"
-                " zoo's Taobao protocol configs do, and match the official AUC: see README, Parity)"
+                " For Adam on embeddings on CPU (the official DARE protocol) use optim.sparse=replicated_adam:"
+                " tables replicated on every rank and trained by torch.optim.Adam (see README, Parity)"
             )
 
 
@@ -182,6 +204,8 @@ def apply_sparse_optimizers(model: nn.Module, cfg: OptimConfig) -> dict[str, Spa
     """
     params = table_parameters(model)
     settings = table_settings(cfg, params)
+    if replicated(cfg, params):  # trained by the dense optimizers (build_optimizer)
+        return settings
     for name, param in params.items():
         cls, kwargs = _fused_class(settings[name])
         apply_optimizer_in_backward(cls, [param], kwargs)
@@ -244,9 +268,20 @@ def build_optimizer(dmp: nn.Module, cfg: OptimConfig) -> tuple[CombinedOptimizer
         (the combined optimizer, the dense optimizers in group order).
     """
     dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    groups = dense_groups(dense_params, cfg)
     parts: list[tuple[str, Any]] = [("fused", dmp.fused_optimizer)]  # type: ignore[attr-defined]
     dense: list[KeyedOptimizerWrapper] = []
+    tables = table_parameters(dmp)  # unsharded (replicated) tables only: sharded ones are not collections here
+    if tables and replicated(cfg, tables):
+        by_id = {id(p): n for n, p in dense_params.items()}
+        for t, s in table_settings(cfg, tables).items():  # one torch Adam per table, at its lr
+            name = by_id.pop(id(tables[t]))
+            opt = KeyedOptimizerWrapper(
+                {name: dense_params.pop(name)},
+                lambda ps, lr=s.lr, eps=s.eps: torch.optim.Adam(ps, lr=lr, eps=eps, weight_decay=cfg.weight_decay),
+            )
+            dense.append(opt)
+            parts.append((t, opt))
+    groups = dense_groups(dense_params, cfg)
     for g, names in groups.items():
         if not names:
             continue

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.types import ShardingPlan
 from tqdm import tqdm
 
 from datasets.batch import Batch
@@ -31,7 +32,7 @@ from launch import checkpoint, sharding
 from launch.config import ConfigError, Device, ExperimentConfig, dump_config
 from launch.evaluation import Best, evaluate, max_ranks, split_config, sum_ranks, task_names
 from launch.metrics import MetricOptions
-from launch.optim import apply_sparse_optimizers, build_optimizer
+from launch.optim import apply_sparse_optimizers, build_optimizer, replicated
 from models.base import TrainOutput
 from models.registry import ModelSpec
 
@@ -216,18 +217,28 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = spec.build(cfg.model, self.schema, torch.device("meta"))
         train_module = spec.build_train_module(model, cfg.model)
-        apply_sparse_optimizers(train_module, cfg.optim)
-        sharders = sharding.build_sharders()
-        topology = sharding.build_topology(self.env.world_size, self.env.local_world_size, self.device, cfg.sharding)
-        pg = dist.GroupMember.WORLD if dist.is_initialized() else None
-        constraints = spec.default_constraints(cfg.model, self.schema)
-        try:
-            self.plan = sharding.plan(train_module, cfg.sharding, constraints, topology, sharders, pg)
-        except ValueError as e:  # a plan file that does not fit the model or the world, an unknown table
-            raise ConfigError(f"sharding: {e}") from None
+        settings = apply_sparse_optimizers(train_module, cfg.optim)
+        if replicated(cfg.optim, settings):
+            # optim.sparse=replicated_adam: no sharder, no plan; DMP wraps the whole model (tables included) in DDP.
+            sharders: list = []
+            self.plan = ShardingPlan({})
+        else:
+            sharders = sharding.build_sharders()
+            topology = sharding.build_topology(self.env.world_size, self.env.local_world_size, self.device,
+                                               cfg.sharding)
+            pg = dist.GroupMember.WORLD if dist.is_initialized() else None
+            constraints = spec.default_constraints(cfg.model, self.schema)
+            try:
+                self.plan = sharding.plan(train_module, cfg.sharding, constraints, topology, sharders, pg)
+            except ValueError as e:  # a plan file that does not fit the model or the world, an unknown table
+                raise ConfigError(f"sharding: {e}") from None
         torch.manual_seed(cfg.train.seed + self.env.rank)  # per-rank table initialisation
         self.dmp = sharding.shard_model(train_module, self.plan, sharders, self.device)
-        self.plan_text = sharding.plan_table(self.plan, self.dmp)
+        if sharders:
+            self.plan_text = sharding.plan_table(self.plan, self.dmp)
+        else:
+            self.plan_text = (f"every table replicated on all {self.env.world_size} ranks and trained by torch.optim.Adam"
+                              f" (optim.sparse=replicated_adam): {sorted(settings)}")
         if self.is_main:
             sharding.write_plan(self.run_dir, self.plan, self.plan_text)
         self.optimizer, self.dense_optimizers = build_optimizer(self.dmp, cfg.optim)

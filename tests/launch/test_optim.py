@@ -187,3 +187,17 @@ def test_validate_experiment_checks_dense_groups_against_the_model() -> None:
     with pytest.raises(ConfigError, match="'default' is the name"):
         _validate("optim.dense_groups={default: {params: [model.*]}}")
     _validate('optim.dense_groups={attn: {params: ["model.attention.*"], lr: 0.01}}')  # DIN has these
+
+
+def test_replicated_adam_is_accepted_on_every_device_only_for_all_tables() -> None:
+    from launch.optim import replicated
+
+    cfg = OptimConfig(sparse=SparseOptimizer.replicated_adam)
+    assert replicated(cfg, ["t_a", "t_b"])
+    check_support(cfg, ["t_a", "t_b"], "cpu")  # not fused: no fbgemm support needed
+    assert not replicated(OptimConfig(), ["t_a"])
+    mixed = OptimConfig(sparse=SparseOptimizer.replicated_adam, tables={"t_b": SparseGroupConfig(optimizer=SparseOptimizer.adagrad)})
+    with pytest.raises(ValueError, match=r"every table.*\['t_a'\] but not \['t_b'\]"):
+        replicated(mixed, ["t_a", "t_b"])
+    with pytest.raises(ValueError, match="replicated_adam"):  # the refusal of fused adam points to the way out
+        check_support(OptimConfig(sparse=SparseOptimizer.adam), ["t_a"], "cpu")
