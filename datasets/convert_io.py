@@ -16,11 +16,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["OutputError", "staged_output"]
+from datasets.schema import DataError
+
+__all__ = ["OutputError", "run_converter", "staged_output"]
 
 
 class OutputError(ValueError):
@@ -99,3 +102,26 @@ def staged_output(out_dir: str | os.PathLike, entries: dict[str, str]) -> Iterat
         raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def run_converter(write: Callable[[], dict[str, Any]], out: str) -> tuple[Optional[dict[str, Any]], int]:
+    """Runs a converter CLI's write step; an expected failure becomes one line on stderr and an exit code.
+
+    Returns ``(meta, 0)``, or ``(None, code)``: 3 bad input (:class:`DataError`), 2 the output folder cannot be
+    replaced (:class:`OutputError`), 1 a write error (disk full, permissions), 130 Ctrl-C. ``out`` is unchanged
+    on every failure (:func:`staged_output`).
+    """
+    try:
+        return write(), 0
+    except DataError as e:
+        print(f"data error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        return None, 3
+    except OutputError as e:
+        print(f"output error: {e}", file=sys.stderr)
+        return None, 2
+    except KeyboardInterrupt:
+        print(f"interrupted; {out} is unchanged", file=sys.stderr)
+        return None, 130
+    except OSError as e:
+        print(f"error: {e}; {out} is unchanged", file=sys.stderr)
+        return None, 1

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from datasets.canonical import canonical_arrow_schema, canonical_schema, canonical_table
-from datasets.convert_io import OutputError, staged_output
+from datasets.convert_io import run_converter, staged_output
 from datasets.schema import SchemaConfig
 
 __all__ = ["SyntheticParams", "generate", "synthetic_schema", "main"]
@@ -381,17 +381,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         params.resolved()
     except ValueError as e:
         ap.error(str(e))
-    try:
-        meta = generate(a.out, params)
-    except OutputError as e:
-        print(f"output error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; {a.out} is unchanged", file=sys.stderr)
-        return 130
-    except OSError as e:  # writing the output: disk full, permissions
-        print(f"error: {e}; {a.out} is unchanged", file=sys.stderr)
-        return 1
+    meta, code = run_converter(lambda: generate(a.out, params), a.out)
+    if meta is None:
+        return code
     print(json.dumps({"out": a.out, "splits": meta["splits"], "table_sizes": meta["table_sizes"]}, indent=2))
     return 0
 

@@ -72,7 +72,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from datasets.canonical import canonical_schema
-from datasets.convert_io import OutputError, staged_output
+from datasets.convert_io import run_converter, staged_output
 from datasets.schema import DataError, SchemaConfig
 from datasets.taobao_csv import _Block, _blocks, _merged_blocks, _sort_runs
 from datasets.taobao_samples import _NoNegatives, _SplitWriter, _pass2
@@ -340,20 +340,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         params.check()
     except ValueError as e:
         ap.error(str(e))
-    try:
-        meta = convert(a.input, a.out, params)
-    except DataError as e:
-        print(f"data error: {' '.join(str(e).splitlines())}", file=sys.stderr)
-        return 3
-    except OutputError as e:
-        print(f"output error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted; {a.out} is unchanged", file=sys.stderr)
-        return 130
-    except OSError as e:  # writing the output: disk full, permissions
-        print(f"error: {e}; {a.out} is unchanged", file=sys.stderr)
-        return 1
+    meta, code = run_converter(lambda: convert(a.input, a.out, params), a.out)
+    if meta is None:
+        return code
     print(json.dumps({"out": a.out, "counts": meta["counts"], "splits": meta["splits"]}, indent=2))
     return 0
 
