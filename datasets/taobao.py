@@ -67,7 +67,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -166,6 +166,9 @@ class _Stats:
     csv_users: int
 
 
+_NO_PV = "no 'pv' rows; expected Taobao UserBehavior rows with behavior_type pv"
+
+
 def _merge_counts(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reduces (key, count) pairs: sorted unique keys ``[K]``, summed counts ``[K]``."""
     uniq, inverse = np.unique(keys, return_inverse=True)
@@ -179,11 +182,11 @@ def _merge_last(keys: np.ndarray, counts: np.ndarray, last: np.ndarray) -> tuple
     return uniq, total, last[::-1][rev_first]
 
 
-def _pass1(blocks: Iterable[_Block], path: str) -> Optional[_Stats]:
+def _pass1(blocks: Iterable[_Block], path: str, no_events: str = _NO_PV) -> Optional[_Stats]:
     """Statistics of rows in (user, timestamp) order; None as soon as a row breaks that order.
 
     Raises:
-        DataError: no pv rows.
+        DataError: no pv rows (``no_events`` says what was expected).
     """
     prev_user, prev_ts = -1, 0  # raw ids are >= 0, so the first row always follows
     pv_users = (np.empty(0, np.int64), np.empty(0, np.int64))
@@ -214,7 +217,7 @@ def _pass1(blocks: Iterable[_Block], path: str) -> Optional[_Stats]:
         )
         cats = np.union1d(cats, ct)
     if pv_rows == 0:
-        raise DataError(f"{path}: no 'pv' rows; expected Taobao UserBehavior rows with behavior_type pv")
+        raise DataError(f"{path}: {no_events}")
     return _Stats(
         users=pv_users[0],
         user_pv=np.concatenate([[0], pv_users[1]]),
@@ -226,6 +229,44 @@ def _pass1(blocks: Iterable[_Block], path: str) -> Optional[_Stats]:
         pv_rows=pv_rows,
         csv_users=csv_users,
     )
+
+
+def _samples(
+    read: Callable[[], Iterator[_Block]], path: str, p: TaobaoParams, tmp: Path, event: str = "pv",
+    no_events: str = _NO_PV,
+) -> tuple[_Stats, int, dict, bool]:
+    """Pass 1 (after an out-of-core sort when the rows are not in (user, timestamp) order) and pass 2 into
+    ``tmp/{train,valid,test}``; ``read()`` streams the validated rows (``pv`` = the events kept), ``event``
+    names them in messages.
+
+    Returns:
+        ``(stats, kept users, {split: rows, positives, files}, whether the input was already sorted)``.
+    """
+    stats = _pass1(read(), path, no_events)
+    runs: list[Path] = []
+    if stats is None:  # not in (user, timestamp) order: sort, then read the sorted rows
+        runs = _sort_runs(read(), p.sort_rows, tmp / ".sort")
+        stats = _pass1(_merged_blocks(runs), path, no_events)
+        assert stats is not None, "the merged runs are sorted"
+    kept = int(np.count_nonzero(stats.user_pv >= p.min_pv))
+    if kept == 0:
+        raise DataError(
+            f"{path}: no user has min_pv={p.min_pv} {event} events: all {len(stats.users)} users with {event} "
+            f"events are filtered out (the most active has {int(stats.user_pv.max())}); lower --min-pv"
+        )
+    writers = {s: _SplitWriter(tmp / s, p.row_group_size, p.rows_per_file) for s in _SPLITS}
+    blocks = _merged_blocks(runs) if runs else read()
+    try:
+        kept_users = _pass2(blocks, stats, p, writers)
+    except _NoNegatives as e:
+        raise DataError(
+            f"{path}: no negatives for {e.users} users after 1000 draws each: they viewed (nearly) all "
+            f"{len(stats.items)} items; use more rows or fewer --negatives"
+        ) from None
+    splits = {s: w.close() for s, w in writers.items()}
+    if runs:
+        shutil.rmtree(tmp / ".sort")
+    return stats, kept_users, splits, not runs
 
 
 def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoParams] = None) -> dict:
@@ -257,30 +298,7 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
     p.check()
     path = str(input_csv)
     with staged_output(out_dir, _OUTPUT_ENTRIES) as tmp:
-        stats = _pass1(_blocks(path, p.block_size), path)
-        runs: list[Path] = []
-        if stats is None:  # not in (user, timestamp) order: sort, then read the sorted rows
-            runs = _sort_runs(path, p, tmp / ".sort")
-            stats = _pass1(_merged_blocks(runs), path)
-            assert stats is not None, "the merged runs are sorted"
-        kept = int(np.count_nonzero(stats.user_pv >= p.min_pv))
-        if kept == 0:
-            raise DataError(
-                f"{path}: no user has min_pv={p.min_pv} pv events: all {len(stats.users)} users with pv events "
-                f"are filtered out (the most active has {int(stats.user_pv.max())}); lower --min-pv"
-            )
-        writers = {s: _SplitWriter(tmp / s, p.row_group_size, p.rows_per_file) for s in _SPLITS}
-        blocks = _merged_blocks(runs) if runs else _blocks(path, p.block_size)
-        try:
-            kept_users = _pass2(blocks, stats, p, writers)
-        except _NoNegatives as e:
-            raise DataError(
-                f"{path}: no negatives for {e.users} users after 1000 draws each: they viewed (nearly) all "
-                f"{len(stats.items)} items; use more rows or fewer --negatives"
-            ) from None
-        splits = {s: w.close() for s, w in writers.items()}
-        if runs:
-            shutil.rmtree(tmp / ".sort")
+        stats, kept_users, splits, sorted_input = _samples(lambda: _blocks(path, p.block_size), path, p, tmp)
         meta = {
             "source": path,
             "protocol": "DARE (thuml/DARE preprocess/taobao_v4.py); histories unpadded, oldest first",
@@ -297,7 +315,7 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
                 "categories": len(stats.cats),
             },
             "splits": splits,
-            "sorted_input": not runs,
+            "sorted_input": sorted_input,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
