@@ -1,0 +1,295 @@
+"""Two-stage search over long behaviour sequences: TWIN's CP-GSU and ESU (Chang et al. 2023, section 3.3).
+
+Behaviour features are split into item-inherent features ``K_h`` (item id, category, ...: the same for every
+user, so their projection can be computed once per item and cached) and user-item cross features ``K_c``
+(time since the behaviour, behaviour type, ...). The target-behaviour relevance of TWIN Eq. 8 is, per head h,
+
+    alpha_h = (K_h W_h^h)(q W_q^h)^T / sqrt(d_k) + (K_c W_c) beta_h
+
+with ``W_c`` block-diagonal (each cross feature projected to one dimension) and ``beta`` learned. The
+General Search Unit ranks all L behaviours of a row by exactly this relevance, with the ESU's parameters
+(mean over heads), and keeps the top K; the Exact Search Unit attends over the K survivors with H heads,
+``softmax(alpha_h)^T K W_v^h``, heads concatenated and projected by ``W_o`` (TWIN Eq. 9-10).
+
+Histories stay jagged: values ``[S, ...]`` with S = sum of the row lengths, never a padded ``[B, L, D]``.
+
+Shapes: B batch, S behaviours in the batch, U distinct items among them, K survivors, H heads, d_k head dim,
+I_h inherent width, I_c cross width, C cross features, D_v value width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from modules.sequence import jagged_topk, select_jagged
+from modules.target_attention import masked_softmax
+
+
+@torch.fx.wrap
+def row_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``[S]`` the row of every flat behaviour (``total`` = S = sum(lengths)). A leaf under fx tracing."""
+    lengths = lengths.to(torch.long)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+
+
+@torch.fx.wrap
+def unique_items(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct items among S behaviours, by their inherent id columns.
+
+    Args:
+        ids: ``[S, F]`` integer ids of the item-inherent features (item id, category, ...), or ``[S]``.
+
+    Returns:
+        ``(first [U], inverse [S])``: ``first[u]`` is the flat index of distinct item ``u``'s first occurrence,
+        ``inverse[s]`` the distinct item of behaviour ``s``, so that ``x[first][inverse]`` equals ``x`` for any
+        per-behaviour function ``x`` of the inherent features alone.
+    """
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(1)
+    s = ids.size(0)
+    if s == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=ids.device)
+        return empty, empty
+    _, inverse = torch.unique(ids, dim=0, return_inverse=True)  # [S] into U sorted distinct rows
+    u = int(inverse.max()) + 1
+    positions = torch.arange(s, device=ids.device)
+    first = torch.full((u,), s, dtype=torch.long, device=ids.device).scatter_reduce(
+        0, inverse, positions, reduce="amin"
+    )  # [U]
+    return first, inverse
+
+
+class TwinRelevance(nn.Module):
+    """TWIN's target-behaviour relevance (Eq. 8), shared by the GSU and the ESU.
+
+    Args:
+        inherent_dim: I_h, width of a behaviour's item-inherent features ``K_h`` (concatenated).
+        query_dim: width of the target ``q``.
+        cross_dims: width of each user-item cross feature of ``K_c`` (its embedding, or 1 for a float);
+            empty: no cross term.
+        num_heads: H.
+        head_dim: d_k.
+        device: where the parameters are created (``meta`` allowed).
+    """
+
+    def __init__(
+        self,
+        inherent_dim: int,
+        query_dim: int,
+        cross_dims: Sequence[int] = (),
+        num_heads: int = 4,
+        head_dim: int = 16,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if num_heads <= 0 or head_dim <= 0:
+            raise ValueError(f"num_heads and head_dim must be > 0, got {num_heads}, {head_dim}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.w_h = nn.Linear(inherent_dim, num_heads * head_dim, bias=False, device=device)
+        self.w_q = nn.Linear(query_dim, num_heads * head_dim, bias=False, device=device)
+        self.cross_dims = [int(d) for d in cross_dims]
+        if any(d <= 0 for d in self.cross_dims):
+            raise ValueError(f"cross_dims must be positive, got {self.cross_dims}")
+        # W_c block-diagonal: cross feature j's block is a vector of its width (its projection to 1-d).
+        self.w_c = nn.Parameter(torch.empty(sum(self.cross_dims), device=device))  # [I_c]
+        self.beta = nn.Parameter(torch.empty(len(self.cross_dims), num_heads, device=device))  # [C, H]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W_h, W_q: torch's Linear default; w_c uniform(+-1/sqrt(width)); beta = 1 (every cross term counts)."""
+        if self.w_c.is_meta:
+            return
+        self.w_h.reset_parameters()
+        self.w_q.reset_parameters()
+        start = 0
+        with torch.no_grad():
+            for d in self.cross_dims:
+                nn.init.uniform_(self.w_c[start:start + d], -1.0 / math.sqrt(d), 1.0 / math.sqrt(d))
+                start += d
+        nn.init.constant_(self.beta, 1.0)
+
+    def keys(self, inherent: torch.Tensor) -> torch.Tensor:
+        """``K_h W_h``: ``[N, I_h] -> [N, H, d_k]`` (the cacheable part: a function of the item alone)."""
+        return self.w_h(inherent).view(-1, self.num_heads, self.head_dim)  # [N, H, d_k]
+
+    def query(self, target: torch.Tensor) -> torch.Tensor:
+        """``q W_q / sqrt(d_k)``: ``[B, D_q] -> [B, H, d_k]``."""
+        return (self.w_q(target) * self.scale).view(-1, self.num_heads, self.head_dim)  # [B, H, d_k]
+
+    def cross_bias(self, cross: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``(K_c W_c) beta``: ``[N, I_c] -> [N, H]`` (None without cross features)."""
+        if cross is None or not self.cross_dims:
+            return None
+        weighted = cross * self.w_c  # [N, I_c]
+        projected = torch.stack([part.sum(dim=-1) for part in weighted.split(self.cross_dims, dim=-1)], dim=-1)  # [N, C]
+        return projected @ self.beta  # [N, H]
+
+    def scores(
+        self, keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """``alpha``: ``[N, H]`` for N behaviours with projected keys ``[N, H, d_k]`` of rows ``rows [N]``."""
+        alpha = (keys * query[rows]).sum(dim=-1)  # [N, H]
+        return alpha if bias is None else alpha + bias
+
+
+@dataclass
+class SearchResult:
+    """The GSU's choice.
+
+    Attributes:
+        indices: ``[B, K]`` flat indices of the survivors into the S behaviours (``-1`` on padding slots).
+        valid: ``[B, K]`` bool.
+        scores: ``[S]`` the score every behaviour was ranked by (detached).
+    """
+
+    indices: torch.Tensor
+    valid: torch.Tensor
+    scores: torch.Tensor
+
+
+class GeneralSearchUnit(nn.Module):
+    """TWIN's Consistency-Preserved GSU: the top K of every row by the ESU's own relevance (mean over heads).
+
+    The ranking is not differentiable (TWIN trains the shared parameters through the ESU), so it runs without
+    autograd. Its cost is the projection ``K_h W_h``; three ways to get it, the same scores up to rounding:
+
+    * ``inherent`` per behaviour: project every behaviour (the naive path);
+    * ``inherent`` with ``items = (first, inverse)`` from :func:`unique_items`: project each distinct item of
+      the batch once and gather (training: a popular item recurs across and within histories);
+    * ``cached_keys``: look the projection up in a cache built from a checkpoint (inference,
+      ``models/twin/cache.py``): a lookup and a dot product per behaviour.
+
+    Args:
+        relevance: the ESU's :class:`TwinRelevance` (shared, not copied: consistency).
+        top_k: K.
+    """
+
+    def __init__(self, relevance: TwinRelevance, top_k: int = 100) -> None:
+        super().__init__()
+        if top_k <= 0:
+            raise ValueError(f"top_k must be > 0, got {top_k}")
+        self.relevance = relevance
+        self.top_k = top_k
+
+    def projected_keys(
+        self,
+        inherent: Optional[torch.Tensor] = None,
+        items: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cached_keys: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``[S, H, d_k]`` from one of the three sources (see the class docstring)."""
+        r = self.relevance
+        if cached_keys is not None:
+            return cached_keys.view(-1, r.num_heads, r.head_dim)  # [S, H, d_k]
+        if inherent is None:
+            raise ValueError("GeneralSearchUnit needs inherent features or cached keys")
+        if items is None:
+            return r.keys(inherent)  # [S, H, d_k]
+        first, inverse = items
+        return r.keys(inherent[first])[inverse]  # [U, H, d_k] -> [S, H, d_k]
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        lengths: torch.Tensor,
+        cross: Optional[torch.Tensor] = None,
+        inherent: Optional[torch.Tensor] = None,
+        items: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        cached_keys: Optional[torch.Tensor] = None,
+    ) -> SearchResult:
+        """Ranks every behaviour and keeps the K best per row.
+
+        Args:
+            query: ``[B, H, d_k]`` from ``relevance.query(target)``.
+            lengths: ``[B]`` history lengths (S = their sum).
+            cross: ``[S, I_c]`` cross features (None without).
+            inherent: ``[S, I_h]`` inherent features (unless ``cached_keys``).
+            items: ``(first [U], inverse [S])`` to project distinct items once.
+            cached_keys: ``[S, H * d_k]`` looked-up cached projections.
+
+        Returns:
+            the :class:`SearchResult`; ties go to the more recent behaviour.
+        """
+        with torch.no_grad():
+            keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
+            rows = row_ids(lengths, keys.size(0))  # [S]
+            alpha = self.relevance.scores(keys, query.detach(), rows, self.relevance.cross_bias(cross))  # [S, H]
+            score = alpha.mean(dim=-1)  # [S]
+            indices, valid = jagged_topk(score, lengths, self.top_k)  # [B, K]
+        return SearchResult(indices=indices, valid=valid, scores=score)
+
+
+class ExactSearchUnit(nn.Module):
+    """TWIN's ESU (Eq. 9-10): H-head target attention over the GSU's K survivors.
+
+    ``Att_h = softmax(alpha_h)^T (K W_v^h)``, ``ESU = [Att_1, ..., Att_H] W_o``, with ``alpha_h`` from the shared
+    :class:`TwinRelevance` recomputed on the survivors (with gradients: this is where the relevance learns).
+
+    Args:
+        relevance: the shared relevance.
+        value_dim: D_v, width of a behaviour's values ``K`` (inherent and cross features concatenated).
+        value_head_dim: per-head width of the values (default d_k).
+        output_dim: width of ``W_o``'s output.
+        device: where the parameters are created.
+    """
+
+    def __init__(
+        self,
+        relevance: TwinRelevance,
+        value_dim: int,
+        output_dim: int,
+        value_head_dim: Optional[int] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.relevance = relevance
+        h = relevance.num_heads
+        self.value_head_dim = value_head_dim or relevance.head_dim
+        self.w_v = nn.Linear(value_dim, h * self.value_head_dim, bias=False, device=device)
+        self.w_o = nn.Linear(h * self.value_head_dim, output_dim, device=device)
+        self.out_features = output_dim
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        inherent: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        cross: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Attends over the survivors.
+
+        Args:
+            query: ``[B, H, d_k]`` from ``relevance.query(target)``.
+            inherent: ``[B, K, I_h]`` the survivors' inherent features.
+            values: ``[B, K, D_v]`` the survivors' values.
+            mask: ``[B, K]`` bool, True on real survivors.
+            cross: ``[B, K, I_c]`` the survivors' cross features (None without).
+
+        Returns:
+            ``[B, output_dim]`` (``W_o 0`` for a row without survivors).
+        """
+        b, k = mask.shape
+        r = self.relevance
+        keys = r.keys(inherent.reshape(b * k, -1))  # [B K, H, d_k]
+        rows = torch.arange(b, device=mask.device).repeat_interleave(k)  # [B K]
+        bias = r.cross_bias(cross.reshape(b * k, -1) if cross is not None else None)  # [B K, H]
+        alpha = r.scores(keys, query, rows, bias).view(b, k, r.num_heads).transpose(1, 2)  # [B, H, K]
+        weights = masked_softmax(alpha, mask.unsqueeze(1))  # [B, H, K]
+        v = self.w_v(values).view(b, k, r.num_heads, self.value_head_dim).transpose(1, 2)  # [B, H, K, d_v]
+        out = torch.matmul(weights.unsqueeze(2), v).squeeze(2)  # [B, H, d_v]
+        return self.w_o(out.reshape(b, -1))  # [B, output_dim]
+
+
+def gather_survivors(
+    values: torch.Tensor, lengths: torch.Tensor, result: SearchResult
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The survivors' rows of jagged ``values [S, ...]``: ``([B, K, ...], mask [B, K])`` (zeros on padding)."""
+    return select_jagged(values, lengths, result.indices, result.valid)
