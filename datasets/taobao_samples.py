@@ -1,5 +1,6 @@
 """Pass 2 of the Taobao converter (:mod:`datasets.taobao`): samples of the kept users, negative sampling and
-the split writers.
+the split writers; and the labelled-events pipeline of :mod:`datasets.kuairand` and :mod:`datasets.movielens`
+(every row a sample, history = the user's earlier behaviours, no negative sampling).
 
 Kept users are processed ``users_per_group`` at a time, each group with its own generator
 (``np.random.default_rng([seed, group])``); the protocol (targets, histories, negatives) is described in
@@ -8,8 +9,10 @@ Kept users are processed ``users_per_group`` at a time, each group with its own 
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from datasets.canonical import BEHAVIOR_TYPES, canonical_arrow_schema, canonical_table
+from datasets.schema import DataError
+from datasets.taobao_csv import _merged_blocks, _sort_runs
 
 if TYPE_CHECKING:
     from datasets.taobao import TaobaoParams, _Stats
@@ -216,3 +221,194 @@ def _pass2(blocks: Iterable[_Block], stats: _Stats, p: TaobaoParams, writers: di
     if pending_users:
         flush(pending_users)
     return kept_users
+
+
+# --------------------------------------------------------------------- labelled events (every row a sample)
+# KuaiRand and MovieLens logs label every row (click or not): each row becomes one sample, whose history is
+# the user's earlier behaviours; no negatives are sampled. Used by datasets.kuairand and datasets.movielens.
+
+
+@dataclass
+class EventParams:
+    """Parameters of the labelled-events pipeline (every row is a sample).
+
+    Attributes:
+        max_len: keep the most recent this many behaviours before a target.
+        row_group_size: rows per parquet row group.
+        rows_per_file: rows per parquet file.
+        events_per_group: rows processed together (whole users; bounds memory to about ``max_len`` times it).
+        block_size: bytes per CSV block read.
+        sort_rows: rows per sorted run when the input is not in (user, time) order (about 40 bytes each).
+    """
+
+    max_len: int = 200
+    row_group_size: int = 65_536
+    rows_per_file: int = 4_194_304
+    events_per_group: int = 65_536
+    block_size: int = 1 << 24
+    sort_rows: int = 1 << 22
+
+    def check(self) -> None:
+        sizes = {k: getattr(self, k) for k in ("max_len", "row_group_size", "rows_per_file", "events_per_group",
+                                               "block_size", "sort_rows")}
+        bad = {k: v for k, v in sizes.items() if v < 1}
+        if bad:
+            raise ValueError(f"invalid {type(self).__name__}: need positive {', '.join(bad)} (got {bad})")
+
+
+@dataclass
+class _Events:
+    """Validated rows (raw ids); the sort keys are ``users`` and ``ts``. Shapes: R rows."""
+
+    users: np.ndarray  # [R] int64 raw user ids
+    ts: np.ndarray  # [R] int64 time (the caller's unit)
+    items: np.ndarray  # [R] int64 raw item ids
+    label: np.ndarray  # [R] int8 0/1
+    btype: np.ndarray  # [R] int64 behaviour type in later histories; 0: never in a history
+    split: np.ndarray  # [R] int8 index into the splits; -1: by position (last test, second-last valid, rest train)
+
+
+@dataclass
+class _EventStats:
+    users: np.ndarray  # [U] sorted raw user ids
+    items: np.ndarray  # [I] sorted raw item ids
+    rows: int
+    positives: int
+
+
+def _event_stats(blocks: Iterable[_Events]) -> Optional[_EventStats]:
+    """Id sets and counts of rows in (user, time) order; None as soon as a row breaks that order."""
+    prev_user, prev_ts = np.iinfo(np.int64).min, 0
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    rows = positives = 0
+    for b in blocks:
+        if not len(b.users):
+            continue
+        u, t = np.concatenate([[prev_user], b.users]), np.concatenate([[prev_ts], b.ts])
+        if not ((u[1:] > u[:-1]) | ((u[1:] == u[:-1]) & (t[1:] >= t[:-1]))).all():
+            return None
+        prev_user, prev_ts = int(b.users[-1]), int(b.ts[-1])
+        rows += len(b.users)
+        positives += int(np.count_nonzero(b.label))
+        users.append(np.unique(b.users))
+        items.append(np.unique(b.items))
+        if len(users) >= 64:  # bound the pending id arrays
+            users, items = [np.unique(np.concatenate(users))], [np.unique(np.concatenate(items))]
+    cat = lambda xs: np.unique(np.concatenate(xs)) if xs else np.empty(0, np.int64)  # noqa: E731
+    return _EventStats(users=cat(users), items=cat(items), rows=rows, positives=positives)
+
+
+def _event_tables(ev: list[np.ndarray], item_cat: np.ndarray, p: EventParams, n_splits: int,
+                  time_scale: float) -> list[pa.Table]:
+    """Samples (one per event) of a group of complete users, per split.
+
+    Args:
+        ev: ``users, ts, items, label, btype, split`` ``[E]`` (new user and item ids) in (user, time) order.
+        item_cat: ``[I + 1]`` new category id per new item id.
+        time_scale: seconds per unit of ``ts``.
+    """
+    users, ts, items, label, btype, split = ev
+    n = len(users)
+    idx = np.arange(n)
+    new_user = np.concatenate([[True], users[1:] != users[:-1]])
+    user_first = np.maximum.accumulate(np.where(new_user, idx, 0))  # [E] index of the user's first event
+    new_tie = new_user | np.concatenate([[True], ts[1:] != ts[:-1]])
+    tie_first = np.maximum.accumulate(np.where(new_tie, idx, 0))  # [E] first event of the same (user, time)
+    user_last = np.flip(np.minimum.accumulate(np.flip(np.where(np.append(new_user[1:], True), idx, n))))
+    in_hist = btype > 0
+    before = np.concatenate([[0], np.cumsum(in_hist)])  # [E + 1] history behaviours before each index
+    h_idx = np.flatnonzero(in_hist)  # [H] the behaviours, in order
+    hi = before[tie_first]  # a behaviour at the target's own time is not in its history
+    lo = np.maximum(before[user_first], hi - p.max_len)
+    from_end = user_last - idx + 1  # 1: the user's last event
+    split = np.where(split >= 0, split, np.where(from_end == 1, 2, np.where(from_end == 2, 1, 0)))
+    out = []
+    for s in range(n_splits):
+        rows = np.flatnonzero(split == s)
+        r_lo, r_len = lo[rows], hi[rows] - lo[rows]
+        r_off = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(r_len, out=r_off[1:])
+        pos = h_idx[np.arange(r_off[-1], dtype=np.int64) + np.repeat(r_lo - r_off[:-1], r_len)]  # [sum len]
+        out.append(canonical_table(
+            user_id=users[rows],
+            item_id=items[rows],
+            item_category=item_cat[items[rows]],
+            hist_lengths=r_len,
+            hist_item_id=items[pos],
+            hist_category=item_cat[items[pos]],
+            hist_behavior_type=btype[pos],
+            hist_time_delta=((np.repeat(ts[rows], r_len) - ts[pos]) * time_scale).astype(np.float32),
+            label=label[rows].astype(np.float32),
+        ))
+    return out
+
+
+def _event_pass2(blocks: Iterable[_Events], stats: _EventStats, item_cat: np.ndarray, p: EventParams,
+                 writers: list[_SplitWriter], time_scale: float) -> None:
+    """Writes one sample per row, ``events_per_group`` rows (whole users) at a time, into ``writers``."""
+    pending: list[list[np.ndarray]] = []
+    pending_rows = 0
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_rows
+        ev = [np.concatenate(c) for c in zip(*pending)]
+        starts = np.flatnonzero(np.concatenate([[True], ev[0][1:] != ev[0][:-1]]))
+        if not final and len(starts) == 1:
+            return  # one user so far, maybe still open: wait for the next user
+        cut = len(ev[0]) if final else int(starts[-1])  # keep the last (possibly open) user for later
+        for w, table in zip(writers, _event_tables([e[:cut] for e in ev], item_cat, p, len(writers), time_scale)):
+            w.add(table)
+        pending = [[e[cut:] for e in ev]] if cut < len(ev[0]) else []
+        pending_rows = len(ev[0]) - cut
+
+    for b in blocks:
+        if not len(b.users):
+            continue
+        users = np.searchsorted(stats.users, b.users) + 1
+        items = np.searchsorted(stats.items, b.items) + 1
+        pending.append([users, b.ts, items, b.label, b.btype, b.split])
+        pending_rows += len(users)
+        if pending_rows >= p.events_per_group:
+            flush(False)
+    if pending_rows:
+        flush(True)
+
+
+def _event_samples(
+    read: Callable[[], Iterator[_Events]],
+    tmp: Path,
+    p: EventParams,
+    split_names: list[str],
+    categorize: Callable[[np.ndarray], np.ndarray],
+    time_scale: float,
+    no_rows: str,
+) -> tuple[_EventStats, np.ndarray, dict, bool]:
+    """Pass 1 (after an out-of-core sort when the rows are not in (user, time) order) and pass 2 into
+    ``tmp/<split>``.
+
+    Args:
+        read: streams the validated rows, in input order (a new stream per call).
+        categorize: ``[I]`` sorted raw item ids -> ``[I]`` raw category keys (any sortable integers).
+        no_rows: the error message when there is no row at all.
+
+    Returns:
+        ``(stats, [C] sorted raw category keys (new id k + 1 = cats[k]), {split: rows, positives, files},
+        whether the input was already in order)``.
+    """
+    stats = _event_stats(read())
+    runs: list[Path] = []
+    if stats is None:  # not in (user, time) order: sort, then read the sorted rows
+        runs = _sort_runs(read(), p.sort_rows, tmp / ".sort")
+        stats = _event_stats(_merged_blocks(runs, _Events))
+        assert stats is not None, "the merged runs are sorted"
+    if stats.rows == 0:
+        raise DataError(no_rows)
+    cats, inverse = np.unique(categorize(stats.items), return_inverse=True)
+    item_cat = np.concatenate([[0], inverse.reshape(-1) + 1]).astype(np.int64)  # [I + 1]
+    writers = [_SplitWriter(tmp / s, p.row_group_size, p.rows_per_file) for s in split_names]
+    _event_pass2(_merged_blocks(runs, _Events) if runs else read(), stats, item_cat, p, writers, time_scale)
+    splits = {s: w.close() for s, w in zip(split_names, writers)}
+    if runs:
+        shutil.rmtree(tmp / ".sort")
+    return stats, cats, splits, not runs
