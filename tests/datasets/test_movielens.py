@@ -179,12 +179,18 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     (one_colon / "ratings.dat").write_text("1::1::5::1\n1:1::5::2\n")
     (one_colon / "movies.dat").write_text("1::T (1)::Drama\n")
     return {
-        "bad rating": (["--input", variant_100k(3, "2\t2\tx\t90", "r")], r"u\.data: line 4, column 'rating': value 'x'; expected a rating"),
-        "bad count": (["--input", variant_100k(6, "9\t4\t1", "c")], r"u\.data: line 7: 3 fields .*expected 4 tab-separated fields"),
-        "unknown movie": (["--input", variant_100k(1, "2\t99\t5\t100", "m")], r"u\.data: line 2, column 'item': value '99'; expected a movie id of .*u\.item"),
-        "missing header": (["--input", str(nohead / "ratings.csv")], r"ratings\.csv: line 1: missing header .*expected a header naming userId,movieId,rating,timestamp"),
-        "no movies file": (["--input", str(latest), "--movies", str(tmp_path / "none.csv")], r"none\.csv: no such file"),
-        "1m separator": (["--input", str(one_colon / "ratings.dat")], r"ratings\.dat: line 2: 6 fields .*expected UserID::MovieID::Rating::Timestamp"),
+        "bad rating": (["--input", variant_100k(3, "2\t2\tx\t90", "r")],
+                       r"u\.data: line 4, column 'rating': value 'x'; expected a rating"),
+        "bad count": (["--input", variant_100k(6, "9\t4\t1", "c")],
+                      r"u\.data: line 7: 3 fields .*expected 4 tab-separated fields"),
+        "unknown movie": (["--input", variant_100k(1, "2\t99\t5\t100", "m")],
+                          r"u\.data: line 2, column 'item': value '99'; expected a movie id of .*u\.item"),
+        "missing header": (["--input", str(nohead / "ratings.csv")],
+                           r"ratings\.csv: line 1: missing header .*expected a header naming userId,movieId,rating"),
+        "no movies file": (["--input", str(latest), "--movies", str(tmp_path / "none.csv")],
+                           r"none\.csv: no such file"),
+        "1m separator": (["--input", str(one_colon / "ratings.dat")],
+                         r"ratings\.dat: line 2: 6 fields .*expected UserID::MovieID::Rating::Timestamp"),
     }
 
 
