@@ -142,7 +142,7 @@ def _csv_batches(
     Raises:
         DataError: missing, empty or unreadable file; missing header; a line with a wrong field count.
     """
-    problem = _input_problem(path, what, delimiter.join(columns or required or []))
+    problem = _input_problem(path, what, layout or delimiter.join(columns or required or []))
     if problem:
         raise DataError(f"{path}: {problem}")
     names = columns if columns is not None else _read_header(path, delimiter, required or [])
@@ -152,7 +152,8 @@ def _csv_batches(
 
     def parse_error(e: pa.ArrowException, after: int) -> DataError:
         """The first line with a wrong field count (pyarrow's message has no line number), else ``e``."""
-        number, count, text = _locate_bad_line(path, len(names), delimiter) if "columns, got" in str(e) else (-1, -1, "")
+        wrong_count = "columns, got" in str(e)
+        number, count, text = _locate_bad_line(path, len(names), delimiter) if wrong_count else (-1, -1, "")
         if number > after:
             return DataError(f"{path}: line {number}: {count} fields ({text!r}); expected {layout}")
         return DataError(f"{path}: cannot read as CSV from line {after + 1} on: {' '.join(str(e).split())}")
