@@ -66,6 +66,7 @@ def evaluate(
     expected = eval_batches(data, world_size, caps)
     fixes = torch.zeros(len(data.schema.id_features), dtype=torch.long)
     rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "mask": []}
+    stats: dict[str, list[torch.Tensor]] = {}
     was_training = dmp.training
     dmp.eval()
     count = 0
@@ -80,6 +81,8 @@ def evaluate(
             rows["labels"].append(out.labels[keep].float().cpu())
             rows["groups"].append(out.groups[keep].long().cpu())
             rows["mask"].append(out.mask[keep].cpu())
+            for name, v in out.row_stats.items():
+                stats.setdefault(name, []).append(v.detach().float().flatten().cpu())
     dmp.train(was_training)
     assert count == expected, f"rank {rank} yielded {count} evaluation batches, the reader promised {expected}"
     t = len(task_names)
@@ -95,7 +98,32 @@ def evaluate(
     metrics = METRIC_SETS[metric_set](
         full["logits"], full["labels"], full["groups"], list(task_names), mask=full["mask"], options=options
     )
+    means, notes = _row_stat_means(stats, device)
+    metrics.update(means)
+    metrics["notes"] = list(metrics.get("notes", [])) + notes
     return metrics, fixes
+
+
+def _row_stat_means(
+    stats: Mapping[str, list[torch.Tensor]], device: torch.device
+) -> tuple[dict[str, Any], list[str]]:
+    """``TrainOutput.row_stats`` over every rank: the mean of the defined (non-NaN) rows and their count.
+
+    Every rank must report the same names (the same train module on the same kind of data); a name without
+    any defined row is NaN with count 0.
+    """
+    out: dict[str, Any] = {}
+    notes: list[str] = []
+    for name in sorted(stats):
+        v = torch.cat(stats[name])
+        defined = ~torch.isnan(v)
+        t = torch.tensor([float(v[defined].double().sum()), float(defined.sum())], dtype=torch.float64)
+        total, count = sum_ranks(t, device).tolist()
+        out[name] = total / count if count else float("nan")
+        out[f"{name}/rows"] = int(count)
+        if not count:
+            notes.append(f"{name} is undefined: no evaluation row defines it (the model says when a row does)")
+    return out, notes
 
 
 @dataclass

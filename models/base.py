@@ -26,6 +26,9 @@ class TrainOutput:
         labels: ``[N, T]`` 0/1.
         groups: ``[N]`` int64, the group of each row (the user for GAUC, the request for ranking metrics).
         mask: ``[N, T]`` bool, True where the row counts for the task (False on padding rows and candidates).
+        row_stats: named per-row statistics ``[R]`` (any R, e.g. one per sample), NaN where undefined or on
+            padding rows; evaluation reports each one's mean over the defined rows of every rank as
+            ``<name>`` and their count as ``<name>/rows`` (e.g. a search unit's NDCG against known relevance).
     """
 
     loss: torch.Tensor
@@ -34,6 +37,7 @@ class TrainOutput:
     groups: torch.Tensor
     mask: torch.Tensor
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    row_stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -29,39 +29,58 @@ from torch import nn
 from modules.sequence import jagged_topk, select_jagged
 from modules.target_attention import masked_softmax
 
+torch.fx.wrap("masked_softmax")  # a leaf when called from this module too
+
 
 @torch.fx.wrap
-def row_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
-    """``[S]`` the row of every flat behaviour (``total`` = S = sum(lengths)). A leaf under fx tracing."""
+def _row_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
     lengths = lengths.to(torch.long)
     return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
 
 
+def row_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """``[S]`` the row of every flat behaviour (``total`` = S = sum(lengths)). A leaf under fx tracing."""
+    return _row_ids(lengths, total)
+
+
 @torch.fx.wrap
-def unique_items(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct items among S behaviours, by their inherent id columns.
-
-    Args:
-        ids: ``[S, F]`` integer ids of the item-inherent features (item id, category, ...), or ``[S]``.
-
-    Returns:
-        ``(first [U], inverse [S])``: ``first[u]`` is the flat index of distinct item ``u``'s first occurrence,
-        ``inverse[s]`` the distinct item of behaviour ``s``, so that ``x[first][inverse]`` equals ``x`` for any
-        per-behaviour function ``x`` of the inherent features alone.
-    """
+def _unique_items(ids: torch.Tensor, sizes: Optional[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     if ids.dim() == 1:
         ids = ids.unsqueeze(1)
     s = ids.size(0)
     if s == 0:
         empty = torch.zeros(0, dtype=torch.long, device=ids.device)
         return empty, empty
-    _, inverse = torch.unique(ids, dim=0, return_inverse=True)  # [S] into U sorted distinct rows
+    if sizes is not None and math.prod(sizes) < 2**62:
+        # One int64 key per behaviour (mixed radix over the id ranges): a 1-d unique, far cheaper than dim=0.
+        key = ids[:, 0].to(torch.long)
+        for j in range(1, ids.size(1)):
+            key = key * sizes[j] + ids[:, j].to(torch.long)
+        _, inverse = torch.unique(key, return_inverse=True)  # [S]
+    else:
+        _, inverse = torch.unique(ids, dim=0, return_inverse=True)  # [S] into U sorted distinct rows
     u = int(inverse.max()) + 1
     positions = torch.arange(s, device=ids.device)
     first = torch.full((u,), s, dtype=torch.long, device=ids.device).scatter_reduce(
         0, inverse, positions, reduce="amin"
     )  # [U]
     return first, inverse
+
+
+def unique_items(ids: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct items among S behaviours, by their inherent id columns.
+
+    Args:
+        ids: ``[S, F]`` integer ids of the item-inherent features (item id, category, ...), or ``[S]``.
+        sizes: each column's id range (``ids[:, j] < sizes[j]``, e.g. the tables' rows): the columns are then
+            folded into one int64 key (when the product of the sizes fits) instead of a row-wise unique.
+
+    Returns:
+        ``(first [U], inverse [S])``: ``first[u]`` is the flat index of distinct item ``u``'s first occurrence,
+        ``inverse[s]`` the distinct item of behaviour ``s``, so that ``x[first][inverse]`` equals ``x`` for any
+        per-behaviour function ``x`` of the inherent features alone. A leaf under fx tracing.
+    """
+    return _unique_items(ids, None if sizes is None else [int(n) for n in sizes])
 
 
 class TwinRelevance(nn.Module):
@@ -128,7 +147,10 @@ class TwinRelevance(nn.Module):
         if cross is None or not self.cross_dims:
             return None
         weighted = cross * self.w_c  # [N, I_c]
-        projected = torch.stack([part.sum(dim=-1) for part in weighted.split(self.cross_dims, dim=-1)], dim=-1)  # [N, C]
+        bounds = [sum(self.cross_dims[:j]) for j in range(len(self.cross_dims) + 1)]  # Python ints: traceable
+        projected = torch.stack(
+            [weighted[:, bounds[j]:bounds[j + 1]].sum(dim=-1) for j in range(len(self.cross_dims))], dim=-1
+        )  # [N, C]: one scalar per cross feature
         return projected @ self.beta  # [N, H]
 
     def scores(
@@ -276,7 +298,7 @@ class ExactSearchUnit(nn.Module):
         Returns:
             ``[B, output_dim]`` (``W_o 0`` for a row without survivors).
         """
-        b, k = mask.shape
+        b, k = mask.size(0), mask.size(1)
         r = self.relevance
         keys = r.keys(inherent.reshape(b * k, -1))  # [B K, H, d_k]
         rows = torch.arange(b, device=mask.device).repeat_interleave(k)  # [B K]
@@ -293,3 +315,47 @@ def gather_survivors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The survivors' rows of jagged ``values [S, ...]``: ``([B, K, ...], mask [B, K])`` (zeros on padding)."""
     return select_jagged(values, lengths, result.indices, result.valid)
+
+
+def search_quality(
+    relevance: torch.Tensor, lengths: torch.Tensor, result: SearchResult, k: int
+) -> dict[str, torch.Tensor]:
+    """How well a GSU retrieved against known per-behaviour relevance (synthetic data's ground truth).
+
+    Per row with more than ``k`` behaviours (shorter rows keep everything, a trivial search) and some positive
+    relevance, else NaN:
+
+    * ``gsu_ndcg@k``: DCG of the survivors in the GSU's order, gains = true relevance, over the ideal DCG of
+      the row's ``k`` most relevant behaviours;
+    * ``gsu_recall@k``: the share of the row's ``k`` most relevant behaviours (among those with relevance > 0)
+      that survived.
+
+    Args:
+        relevance: ``[S]`` true relevance of every behaviour.
+        lengths: ``[B]``.
+        result: the GSU's choice (``[B, K']`` slots, any K').
+        k: the cut-off.
+
+    Returns:
+        ``{"gsu_ndcg@k": [B], "gsu_recall@k": [B]}`` float, NaN where undefined.
+    """
+    relevance = relevance.detach().float()
+    lengths = lengths.to(torch.long)
+    s = relevance.numel()
+    ideal_idx, ideal_valid = jagged_topk(relevance, lengths, k)  # [B, k]
+    padded = torch.cat([relevance.new_zeros(1), relevance])  # [S + 1]: index -1 reads 0
+    ideal = padded[ideal_idx + 1] * ideal_valid  # [B, k]
+    relevant = ideal_valid & (ideal > 0)  # [B, k]
+    discount = 1.0 / torch.log2(torch.arange(k, device=relevance.device, dtype=torch.float32) + 2.0)  # [k]
+    got_idx, got_valid = result.indices[:, :k], result.valid[:, :k]  # [B, k]
+    gains = padded[got_idx + 1] * got_valid  # [B, k]
+    idcg = (ideal * discount).sum(1)  # [B]
+    dcg = (gains * discount[: gains.size(1)]).sum(1)  # [B]
+    chosen = torch.zeros(s + 1, dtype=torch.bool, device=relevance.device)
+    chosen[(got_idx + 1)[got_valid]] = True
+    hit = chosen[ideal_idx + 1] & relevant  # [B, k]
+    defined = (lengths > k) & (idcg > 0)  # [B]
+    nan = torch.full_like(idcg, float("nan"))
+    ndcg = torch.where(defined, dcg / idcg.clamp(min=1e-30), nan)
+    recall = torch.where(defined, hit.sum(1).float() / relevant.sum(1).clamp(min=1).float(), nan)
+    return {f"gsu_ndcg@{k}": ndcg, f"gsu_recall@{k}": recall}

@@ -159,3 +159,12 @@ def test_gradients_flow_through_the_esu_only():
 
 def test_row_ids():
     assert row_ids(torch.tensor([2, 0, 3]), 5).tolist() == [0, 0, 2, 2, 2]
+
+
+def test_unique_items_folded_keys_match_the_row_wise_unique():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randint(0, 50, (400,), generator=g), torch.randint(0, 7, (400,), generator=g)], 1)
+    f1, i1 = unique_items(ids)
+    f2, i2 = unique_items(ids, sizes=[50, 7])
+    assert torch.equal(ids[f2][i2], ids) and len(f1) == len(f2)
+    assert sorted(map(tuple, ids[f1].tolist())) == sorted(map(tuple, ids[f2].tolist()))
