@@ -55,3 +55,40 @@ def test_din_parity(sharding_type: str) -> None:
     """The DIN zoo entry, sharded on 2 ranks, matches its unsharded self after one step."""
     results = run_workers(check_sharding_parity, world_size=2, args=(DIN_CASE, sharding_type))
     assert results[0]["loss"] == results[1]["loss"]
+
+
+def _twin_train_module(device):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from launch.config import load_config
+
+    cfg, spec, _ = load_config(Path(__file__).resolve().parents[2] / "configs/tests/twin_tiny.yaml")
+    # No batch norm: each rank normalises its own share of the batch, the reference the whole batch.
+    model_cfg = replace(cfg.model, mlp_batch_norm=False, top_k=4, short_history=3)
+    return spec.build_train_module(spec.build(model_cfg, cfg.data.schema, device), model_cfg)
+
+
+def _twin_batch(rank: int, world_size: int):
+    from pathlib import Path
+
+    import numpy as np
+
+    from launch.config import load_config
+    from tests.models.batch_helpers import columns_to_batch, random_columns
+
+    schema = load_config(Path(__file__).resolve().parents[2] / "configs/tests/twin_tiny.yaml")[0].data.schema
+    cols = random_columns(schema, np.random.default_rng(11), 8, {"history": (0, 12)})
+    b = 8 // world_size
+    return columns_to_batch(schema, {k: v[rank * b:(rank + 1) * b] for k, v in cols.items()})
+
+
+TWIN_CASE = ParityCase(_twin_train_module, _twin_batch)
+
+
+@pytest.mark.parametrize("sharding_type", ["table_wise", "row_wise"])
+def test_twin_parity(sharding_type: str) -> None:
+    """The TWIN entry (GSU top-K, ESU, short-term DIN, cross and time features), sharded on 2 ranks, matches
+    its unsharded self after one step."""
+    results = run_workers(check_sharding_parity, world_size=2, args=(TWIN_CASE, sharding_type))
+    assert results[0]["loss"] == results[1]["loss"]
