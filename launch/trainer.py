@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import resource
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -370,6 +371,10 @@ class Trainer:
         gbs = self.cfg.data.batch_size * self.env.world_size
         t = max_ranks(torch.tensor([self.train_time], dtype=torch.float64), self.device)
         eval_total = sum_ranks(eval_fixes, self.device)
+        # Peak resident memory of every rank over the whole process (ru_maxrss: KiB on Linux), in MiB.
+        rss = torch.zeros(self.env.world_size, dtype=torch.float64)
+        rss[self.env.rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        rss = sum_ranks(rss, self.device)
         metrics: dict[str, Any] = {
             "model": self.spec.name,
             **{k: final[k] for k in ("auc", "gauc", "logloss") if k in final},
@@ -387,6 +392,7 @@ class Trainer:
             "id_fixes": self.fixes.by_feature(self.device),
             "id_fixes_eval": {f.name: int(n) for f, n in zip(self.schema.id_features, eval_total)},
             "run_dir": str(self.run_dir.resolve()),
+            "peak_rss_mib_per_rank": [round(float(x), 1) for x in rss],
         }
         if self.cfg.train.epochs:
             metrics["epochs"] = self.cfg.train.epochs

@@ -4,9 +4,9 @@
 
 1. builds the entry of ``CONFIG`` (``search: soft``) with ``model.gsu_cache=true``, unsharded on CPU, and loads
    the checkpoint's model state (DCP reshards it: a checkpoint of any world size loads);
-2. reads which category (and other inherent features) each item has from the training files (the target
-   columns and every behaviour); items seen with several values are counted and take the most frequent one;
-   items never seen get a zero row (counted);
+2. reads which category (and other inherent features) each item has from the data files of every split (the
+   target columns and every behaviour: the catalogue the run knows); items seen with several values are
+   counted and take the most frequent one; items never seen get a zero row (counted);
 3. fills the cache table ``t_<item table>__gsu_cache`` (one row per item, ``H * d_k`` wide: the GSU's keys)
    and writes ``RUN/gsu_cache/``: a DCP checkpoint ``{"model": ...}`` of the serving model (every table, the
    cache included: an ordinary embedding table that a run with ``model.gsu_cache=true`` plans and shards like
@@ -102,7 +102,7 @@ def _evaluate(train_module: torch.nn.Module, cfg: Any, caps: dict, use_cache: bo
     saved = model.cache_ec
     if not use_cache:
         model.cache_ec = None
-    scores, labels, topk, gsu_time = [], [], [], 0.0
+    scores, labels, topk, gsu_scores, gsu_time = [], [], [], [], 0.0
     model.eval()
     with torch.no_grad():
         for b in eval_loader(cfg.data, 0, 1, sequence_caps=caps):
@@ -113,9 +113,10 @@ def _evaluate(train_module: torch.nn.Module, cfg: Any, caps: dict, use_cache: bo
             scores.append(out.logits[keep, 0])
             labels.append(b.labels[keep, 0])
             topk.append(out.search.indices[keep])
+            gsu_scores.append(out.search.scores)
     model.cache_ec = saved
     return {"auc": auc(torch.cat(scores), torch.cat(labels)), "topk": torch.cat(topk), "logits": torch.cat(scores),
-            "seconds": gsu_time}
+            "gsu_scores": torch.cat(gsu_scores), "seconds": gsu_time}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     dcp.load({"model": state}, checkpoint_id=str(found))
     train_module.load_state_dict(state, strict=False)
     num_items = schema.id_feature(model_cfg.history_features[0]).num_embeddings
-    attrs, info = item_attributes(expand_paths(cfg.data.train_paths), model_cfg.target_features,
+    splits = list(cfg.data.train_paths) + list(cfg.data.eval_paths) + list(cfg.data.test_paths or [])
+    attrs, info = item_attributes(expand_paths(splits), model_cfg.target_features,
                                   model_cfg.history_features, num_items)
     seen = info.pop("seen")
     fill_cache(model, attrs, seen)
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         same = (live["topk"] == cached["topk"]).all(dim=1).float().mean().item()
         report = {"auc_live": live["auc"], "auc_cached": cached["auc"], "rows_with_identical_topk": same,
                   "max_logit_diff": float((live["logits"] - cached["logits"]).abs().max()),
+                  "max_gsu_score_diff": float((live["gsu_scores"] - cached["gsu_scores"]).abs().max()),
                   "forward_s_live": live["seconds"], "forward_s_cached": cached["seconds"]}
         print(json.dumps(report))
     return 0
