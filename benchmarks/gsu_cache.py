@@ -71,7 +71,8 @@ def gsu_table(lengths: list[int], requests: int, repeats: int) -> list[dict]:
         query = rel.query(torch.randn(requests, inherent_dim, generator=g))
 
         def inherent() -> torch.Tensor:
-            return torch.cat([tables[0][ids], tables[1][item_author[ids]], tables[2][item_category[ids]]], -1)
+            return torch.cat([tables[0].index_select(0, ids), tables[1].index_select(0, item_author[ids]),
+                              tables[2].index_select(0, item_category[ids])], -1)
 
         def naive() -> None:
             gsu(query, lens, cross=cross, inherent=inherent())
@@ -80,7 +81,7 @@ def gsu_table(lengths: list[int], requests: int, repeats: int) -> list[dict]:
             gsu(query, lens, cross=cross, inherent=inherent(), items=unique_items(ids))
 
         def cached() -> None:
-            gsu(query, lens, cross=cross, cached_keys=cache[ids])
+            gsu(query, lens, cross=cross, cached_keys=cache.index_select(0, ids))
 
         with torch.no_grad():
             a = gsu(query, lens, cross=cross, inherent=inherent())

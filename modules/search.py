@@ -51,7 +51,9 @@ def _unique_items(ids: torch.Tensor, sizes: Optional[list[int]]) -> tuple[torch.
     if s == 0:
         empty = torch.zeros(0, dtype=torch.long, device=ids.device)
         return empty, empty
-    if sizes is not None and math.prod(sizes) < 2**62:
+    if ids.size(1) == 1:
+        _, inverse = torch.unique(ids[:, 0], return_inverse=True)  # [S]
+    elif sizes is not None and math.prod(sizes) < 2**62:
         # One int64 key per behaviour (mixed radix over the id ranges): a 1-d unique, far cheaper than dim=0.
         key = ids[:, 0].to(torch.long)
         for j in range(1, ids.size(1)):
@@ -81,6 +83,16 @@ def unique_items(ids: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> tu
         per-behaviour function ``x`` of the inherent features alone. A leaf under fx tracing.
     """
     return _unique_items(ids, None if sizes is None else [int(n) for n in sizes])
+
+
+@torch.fx.wrap
+def _dot_rows(keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    # A leaf under fx tracing. One request (serving): broadcast its query, no [N, H, d_k] gather.
+    if query.size(0) == 1:
+        # [N, H d_k] @ block-diagonal [H d_k, H]: one small GEMM instead of a broadcast multiply and a reduction.
+        blocks = torch.block_diag(*[query[0, h].unsqueeze(1) for h in range(query.size(1))])  # [H d_k, H]
+        return keys.reshape(keys.size(0), keys.size(1) * keys.size(2)) @ blocks  # [N, H]
+    return (keys * query[rows]).sum(dim=-1)  # [N, H]
 
 
 class TwinRelevance(nn.Module):
@@ -157,7 +169,7 @@ class TwinRelevance(nn.Module):
         self, keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """``alpha``: ``[N, H]`` for N behaviours with projected keys ``[N, H, d_k]`` of rows ``rows [N]``."""
-        alpha = (keys * query[rows]).sum(dim=-1)  # [N, H]
+        alpha = _dot_rows(keys, query, rows)  # [N, H]
         return alpha if bias is None else alpha + bias
 
 

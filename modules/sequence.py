@@ -115,22 +115,45 @@ def select_jagged(
     return _select_jagged(values, lengths, indices, valid)
 
 
+def _order_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like (score, position): float32 bits made monotonic, the position below them."""
+    bits = (scores.detach().float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0 (equal scores)
+    bits = torch.where(torch.isnan(scores), torch.full_like(bits, 0x7FC00000), bits)  # every NaN as +NaN
+    monotonic = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign bit
+    return (monotonic.to(torch.long) << 32) + positions.to(torch.long)
+
+
 @torch.fx.wrap
 def _jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # A leaf under fx tracing: two stable sorts of the S scores, no padded [B, L_max] anything.
+    # A leaf under fx tracing. Two exact algorithms with one result; no padded [B, L_max, D] anything.
     lengths = lengths.to(device=scores.device, dtype=torch.long)
     b, s = lengths.numel(), scores.numel()
     slots = torch.arange(k, device=scores.device)  # [K]
     valid = slots.unsqueeze(0) < lengths.unsqueeze(1)  # [B, K]
     if s == 0:
         return torch.full((b, k), -1, dtype=torch.long, device=scores.device), valid
+    offsets = jagged_offsets(lengths)  # [B]
+    longest = int(lengths.max()) if scores.device.type != "meta" else 0
+    if scores.device.type != "meta" and b * longest <= 2 * s + 4096:
+        # Rows of similar lengths: one [B, L_max] int64 key per behaviour, then a per-row top-k (O(S)). The key
+        # orders by score, then by position (later first among equal scores); padding slots get the minimum.
+        rows = torch.repeat_interleave(torch.arange(b, device=scores.device), lengths, output_size=s)  # [S]
+        positions = torch.arange(s, device=scores.device) - offsets[rows]  # [S]
+        keys = torch.full((b, longest), torch.iinfo(torch.long).min, dtype=torch.long, device=scores.device)
+        keys[rows, positions] = _order_keys(scores, positions)
+        top = torch.topk(keys, min(k, longest), dim=1).indices  # [B, min(K, L_max)] positions, best first
+        if top.size(1) < k:
+            top = torch.cat([top, top.new_zeros(b, k - top.size(1))], dim=1)
+        indices = torch.where(valid, offsets.unsqueeze(1) + top, torch.full_like(top, -1))  # [B, K]
+        return indices, valid
+    # Very uneven rows: two stable sorts of the S scores (O(S log S), O(S) memory).
     # 1) All scores, best first; on equal scores the larger flat index (the later behaviour of a row) first:
     # sorting the reversed scores stably keeps later elements ahead among equals.
     by_score = (s - 1) - torch.sort(scores.detach().flip(0), descending=True, stable=True).indices  # [S]
     # 2) Stably by row: rows in order, and within a row the order of 1).
     rows = torch.repeat_interleave(torch.arange(b, device=scores.device), lengths, output_size=s)  # [S]
     order = by_score[torch.sort(rows[by_score], stable=True).indices]  # [S] flat indices, row-major
-    pick = (jagged_offsets(lengths).unsqueeze(1) + slots.unsqueeze(0)).clamp(max=s - 1)  # [B, K] into `order`
+    pick = (offsets.unsqueeze(1) + slots.unsqueeze(0)).clamp(max=s - 1)  # [B, K] into `order`
     indices = torch.where(valid, order[pick], torch.full_like(pick, -1))  # [B, K]
     return indices, valid
 
@@ -143,8 +166,10 @@ def jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[to
     with fewer than ``k`` behaviours fills its first ``len_b`` slots; the others are padding: ``valid``
     False and index ``-1``. NaN scores rank above every number (``torch.sort``'s order).
 
-    Memory and time are those of two stable sorts of the S scores: no ``[B, L_max]`` padding is built, so
-    rows of 10^5 behaviours cost O(S). Indices only (no gradient flows through the selection); gather
+    Rows of similar lengths (``B * L_max <= 2 S + 4096``) take a per-row ``torch.topk`` over one int64 key per
+    behaviour (score bits, then position), ``[B, L_max]`` integers: O(S) time. Very uneven rows take two stable
+    sorts of the S scores instead (O(S log S) time, O(S) memory). Both give the same indices; neither builds a
+    padded ``[B, L_max, D]`` tensor, so rows of 10^5 behaviours cost O(S) memory. Indices only (no gradient flows through the selection); gather
     the chosen behaviours with :func:`select_jagged`. A leaf under ``torch.fx`` tracing.
 
     Args:

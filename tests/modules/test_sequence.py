@@ -193,3 +193,22 @@ def test_topk_and_select_are_fx_leaves_and_run_on_meta():
     torch.testing.assert_close(gm(values, lengths), M()(values, lengths))
     indices, valid = jagged_topk(torch.empty(9, device="meta"), torch.empty(4, dtype=torch.long, device="meta"), 3)
     assert indices.shape == (4, 3) and valid.shape == (4, 3) and indices.dtype == torch.long
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_jagged_topk_both_algorithms_match_the_reference(uneven: bool):
+    """Rows of similar lengths take the per-row top-k over int64 keys, very uneven rows the two stable sorts:
+    the same indices (negative scores, -0.0 vs 0.0, infinities and many ties included)."""
+    gen = torch.Generator().manual_seed(11)
+    lengths = torch.randint(50, 60, (30,), generator=gen)
+    if uneven:
+        lengths[0] = 20_000  # B * L_max far above 2 S: the sort path
+    values = torch.tensor([-2.5, -1.0, -0.0, 0.0, 1.0, 3.0, float("inf"), float("-inf")])
+    scores = values[torch.randint(0, len(values), (int(lengths.sum()),), generator=gen)]
+    got, valid = jagged_topk(scores, lengths, 7)
+    offsets = jagged_offsets(lengths).tolist()
+    for b, n in enumerate(lengths.tolist()):  # plain Python: by (score, position), both descending
+        row = scores[offsets[b]:offsets[b] + n].tolist()
+        want = sorted(range(n), key=lambda p: (row[p], p), reverse=True)[:7]
+        assert got[b].tolist() == [offsets[b] + p for p in want], b
+    assert valid.all()
