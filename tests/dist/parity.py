@@ -100,8 +100,18 @@ def gather_full_state(dmp: DistributedModelParallel) -> dict[str, torch.Tensor]:
     return out
 
 
-def forced_config(model: nn.Module, sharding_type: str, world_size: int) -> ShardingConfig:
-    """Every table ``sharding_type``; column-wise shards are ``dim / world_size`` wide (one per rank)."""
+def forced_config(model: nn.Module, sharding_type: str | dict[str, str], world_size: int) -> ShardingConfig:
+    """Every table ``sharding_type``; column-wise shards are ``dim / world_size`` wide (one per rank).
+
+    A dict gives each table its own type (table name -> type; tables it does not name: table-wise).
+    """
+    if isinstance(sharding_type, dict):
+        names = embedding_tables(model)
+        unknown = sorted(set(sharding_type) - set(names))
+        assert not unknown, f"no such tables {unknown}; the model has {sorted(names)}"
+        return ShardingConfig(
+            tables={n: TableShardingConfig(sharding_types=[sharding_type.get(n, "table_wise")]) for n in names}
+        )
     tables = {}
     if sharding_type == "column_wise":
         tables = {
@@ -114,7 +124,7 @@ def check_sharding_parity(
     rank: int,
     world_size: int,
     case: ParityCase,
-    sharding_type: str,
+    sharding_type: str | dict[str, str],
     sparse_lr: float = 0.5,
     dense_lr: float = 0.1,
     atol: float = 1e-6,
@@ -147,8 +157,9 @@ def check_sharding_parity(
     sharding_plan = plan(model, forced_config(model, sharding_type, world_size), {}, topology, sharders)
     for module_plan in sharding_plan.plan.values():
         for table, ps in module_plan.items():  # type: ignore[attr-defined]
-            assert ps.sharding_type == sharding_type, f"{table}: planned {ps.sharding_type}, wanted {sharding_type}"
-            if sharding_type in ("row_wise", "column_wise"):
+            wanted = sharding_type.get(table, "table_wise") if isinstance(sharding_type, dict) else sharding_type
+            assert ps.sharding_type == wanted, f"{table}: planned {ps.sharding_type}, wanted {wanted}"
+            if wanted in ("row_wise", "column_wise"):
                 assert len(set(ps.ranks)) == world_size, f"{table}: {sharding_type} shards on ranks {ps.ranks} only"
     used = sorted({r for mp in sharding_plan.plan.values() for ps in mp.values() for r in ps.ranks})  # type: ignore
     assert used == list(range(world_size)), f"the plan leaves ranks idle: tables on {used}"

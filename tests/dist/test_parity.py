@@ -92,3 +92,39 @@ def test_twin_parity(sharding_type: str) -> None:
     its unsharded self after one step."""
     results = run_workers(check_sharding_parity, world_size=2, args=(TWIN_CASE, sharding_type))
     assert results[0]["loss"] == results[1]["loss"]
+
+
+def _dare_train_module(device):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from launch.config import load_config
+
+    cfg, spec, _ = load_config(Path(__file__).resolve().parents[2] / "configs/tests/dare_tiny.yaml")
+    model_cfg = replace(cfg.model, mlp_batch_norm=False, top_k=4, relevance_feature=None)
+    tm = spec.build_train_module(spec.build(model_cfg, cfg.data.schema, device), model_cfg)
+    if device.type != "meta":  # the sharded copy gets the reference's state
+        import torch
+
+        with torch.no_grad():  # larger embeddings than torchrec's init: attention gradients well above atol
+            for t in tm.model.items.parameters():
+                t.mul_(30.0)
+    return tm
+
+
+DARE_CASE = ParityCase(_dare_train_module, _twin_batch)
+# The two tables of one feature sharded apart: another sharding type each, so also other ranks.
+DARE_SPLIT = {"t_item_id__attn": "table_wise", "t_item_id__repr": "row_wise",
+              "t_item_category__attn": "row_wise", "t_item_category__repr": "table_wise"}
+
+
+def test_dare_parity_with_attention_and_representation_tables_sharded_apart() -> None:
+    """DARE (d_att = d_repr / 2) on 2 ranks with t_item_id__attn table-wise and t_item_id__repr row-wise (and the
+    category pair the other way round) matches its unsharded self after one step; the plan records the split."""
+    results = run_workers(check_sharding_parity, world_size=2, args=(DARE_CASE, DARE_SPLIT))
+    assert results[0]["loss"] == results[1]["loss"]
+    plan = {t: ps for mp in results[0]["plan"].plan.values() for t, ps in mp.items()}
+    assert plan["t_item_id__attn"].sharding_type == "table_wise" and plan["t_item_id__repr"].sharding_type == "row_wise"
+    assert len(set(plan["t_item_id__attn"].ranks)) == 1 and set(plan["t_item_id__repr"].ranks) == {0, 1}
+    assert plan["t_item_id__attn"].sharding_spec.shards[0].shard_sizes[1] == 4  # d_att
+    assert plan["t_item_id__repr"].sharding_spec.shards[0].shard_sizes[1] == 8  # d_repr

@@ -1,0 +1,225 @@
+"""DARE (Feng et al. 2025, ICLR): decoupled attention and representation embeddings, with the baselines of its
+Table 1 as variants of the same model.
+
+``logit_i = <e_i^att, v_t^att> / sqrt(A) + b(time_i)`` ranks every behaviour (the GSU keeps the top K by it: the
+same relevance as the ESU, TWIN-style consistency); the ESU weights the survivors ``w_i = softmax_i(logit_i)``;
+the user representation is ``h = sum_i w_i (e_i^repr ⊙ v_t^repr)`` (target-aware); the MLP reads
+``[v_t^repr, h, v_t^repr ⊙ h]``. Gradients of the attention path reach only the attention tables, those of the
+representation path only the representation tables.
+
+Variants (``model.tables``, ``model.projection``, ``model.target_aware``, ``model.search``):
+
+=================  ======  ==========  ============  ======
+entry               tables  projection  target_aware  search
+=================  ======  ==========  ============  ======
+DARE                2       false       true          soft
+TWIN (shared)       1       false       true          soft
+TWIN (hard)         1       false       true          hard
+TWIN w/ proj        1       true        true          soft
+TWIN w/o TR         1       false       false         soft
+TWIN-4E             4       false       true          soft
+=================  ======  ==========  ============  ======
+
+Shapes: B batch, S behaviours in the batch, K survivors, A attention width, R representation width, T tasks.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from datasets.batch import Batch
+from datasets.schema import SchemaConfig
+from models.common import require_sample_labels
+from models.twin.model import TwoStageOutput
+from modules.decoupled import DecoupledEmbedding
+from modules.embedding import build_embedding_collection, lookup_jagged
+from modules.mlp import MLP, Activation
+from modules.search import SearchResult, row_ids
+from modules.sequence import jagged_topk, select_jagged
+from modules.target_attention import masked_softmax
+
+torch.fx.wrap("masked_softmax")
+
+
+class DareSearch(str, enum.Enum):
+    soft = "soft"
+    hard = "hard"
+
+
+@dataclass
+class DAREConfig:
+    """The ``model:`` section of a DARE run (and of its Table 1 baselines).
+
+    Attributes:
+        name: registry key (``dare``).
+        attn_dim: d_att, width of each item feature's attention embedding.
+        repr_dim: d_repr, width of each item feature's representation embedding.
+        tables: 2 (DARE: attention and representation tables), 1 (one shared table: TWIN), 4 (TWIN-4E).
+        projection: linear maps to Q, K and V of the shared embeddings (TWIN w/ proj; needs ``tables: 1``).
+        target_aware: ``h = sum_i w_i (e_i ⊙ v_t)``; False: ``sum_i w_i e_i`` (TWIN w/o TR).
+        search: ``soft`` (top K by the attention logit) or ``hard`` (behaviours of the target's category).
+        top_k: K.
+        user_feature: scalar user id feature (None: none), embedded at ``repr_dim``.
+        target_features: scalar item features of the target, item id first.
+        history_features: behaviour features aligned with them.
+        time_feature: float behaviour feature, seconds to the request: a learned 1-d bias per log2 bucket in
+            the attention logit (None: none).
+        time_buckets: rows of that bias.
+        long_history: the most recent behaviours searched (0: all the reader gives).
+        hard_search_feature: behaviour feature matched against ``hard_target_feature`` (``search: hard``).
+        hard_target_feature: the target's feature for the hard search.
+        target_cross: also feed ``v_t^repr ⊙ h`` to the MLP.
+        mlp_batch_norm: batch-normalise the MLP input.
+        mlp_hidden: hidden widths of the prediction MLP.
+        activation: activation of the MLP.
+        dropout: dropout after each hidden layer.
+        relevance_feature: the data's true per-behaviour relevance (synthetic ``hist_relevance``): evaluation
+            reports the GSU's NDCG@K / recall@K against it. Never an input.
+    """
+
+    name: str = "dare"
+    attn_dim: int = 16
+    repr_dim: int = 16
+    tables: int = 2
+    projection: bool = False
+    target_aware: bool = True
+    search: DareSearch = DareSearch.soft
+    top_k: int = 100
+    user_feature: Optional[str] = None
+    target_features: list[str] = field(default_factory=lambda: ["item_id", "item_category"])
+    history_features: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category"])
+    time_feature: Optional[str] = "hist_time_delta"
+    time_buckets: int = 32
+    long_history: int = 0
+    hard_search_feature: str = "hist_category"
+    hard_target_feature: str = "item_category"
+    target_cross: bool = True
+    mlp_batch_norm: bool = True
+    mlp_hidden: list[int] = field(default_factory=lambda: [200, 80])
+    activation: Activation = Activation.prelu
+    dropout: float = 0.0
+    relevance_feature: Optional[str] = None
+
+
+def _check(cfg: DAREConfig, schema: SchemaConfig) -> None:
+    if not cfg.target_features or len(cfg.target_features) != len(cfg.history_features):
+        raise ValueError(f"target_features {cfg.target_features} and history_features {cfg.history_features} must align")
+    if cfg.projection and cfg.tables != 1:
+        raise ValueError("projection (TWIN w/ proj) projects one shared table: it needs tables: 1")
+    floats = {f.name: f for f in schema.float_features}
+    for name in [cfg.time_feature, cfg.relevance_feature]:
+        if name is not None and (name not in floats or not floats[name].sequence):
+            raise ValueError(f"{name} must be a float sequence feature of the schema, it has {sorted(floats)}")
+    if cfg.search == DareSearch.hard and (
+        cfg.hard_search_feature not in cfg.history_features or cfg.hard_target_feature not in cfg.target_features
+    ):
+        raise ValueError("search: hard needs hard_search_feature in history_features and hard_target_feature in target_features")
+    if cfg.top_k <= 0 or cfg.long_history < 0:
+        raise ValueError("top_k must be > 0 and long_history >= 0")
+
+
+class DARE(nn.Module):
+    """DARE and its Table 1 baselines (see the module docstring).
+
+    Args:
+        cfg: the model config.
+        schema: the data schema.
+        device: where the parameters are created (``meta`` on the sharding path).
+    """
+
+    def __init__(self, cfg: DAREConfig, schema: SchemaConfig, device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        _check(cfg, schema)
+        self.cfg = cfg
+        self.items = DecoupledEmbedding(
+            schema, cfg.target_features, cfg.history_features, cfg.attn_dim, cfg.repr_dim, cfg.tables, device
+        )
+        a, r = self.items.attn_width, self.items.repr_width
+        self.user_ec = (
+            build_embedding_collection(schema, [cfg.user_feature], cfg.repr_dim, device) if cfg.user_feature else None
+        )
+        self.time_bias = nn.Embedding(cfg.time_buckets, 1, device=device) if cfg.time_feature else None
+        if cfg.projection:
+            self.w_q = nn.Linear(a, a, bias=False, device=device)
+            self.w_k = nn.Linear(a, a, bias=False, device=device)
+            self.w_v = nn.Linear(r, r, bias=False, device=device)
+        self.scale = 1.0 / math.sqrt(a)
+        width = (cfg.repr_dim if cfg.user_feature else 0) + (3 if cfg.target_cross else 2) * r
+        self.norm: nn.Module = nn.BatchNorm1d(width, device=device) if cfg.mlp_batch_norm else nn.Identity()
+        self.mlp = MLP(width, cfg.mlp_hidden, out_features=require_sample_labels(schema, "dare"),
+                       activation=cfg.activation, dropout=cfg.dropout, device=device)
+
+    def _bias(self, batch: Batch) -> Optional[torch.Tensor]:
+        if self.time_bias is None:
+            return None
+        seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
+        bucket = torch.log2(seconds.clamp(min=0.0) + 1.0).long().clamp(max=self.cfg.time_buckets - 1)  # [S]
+        return self.time_bias(bucket).squeeze(-1)  # [S]
+
+    def attention_inputs(self, batch: Batch):
+        """``(views, query [B, A], keys [S, A], bias [S] or None)``: what the attention logits are made of."""
+        v = self.items(batch.sparse_features)
+        query, keys = v.target_attn, v.history_attn
+        if self.cfg.projection:
+            query, keys = self.w_q(query), self.w_k(keys)
+        return v, query, keys, self._bias(batch)
+
+    def _search(self, batch: Batch, query: torch.Tensor, keys: torch.Tensor, bias: Optional[torch.Tensor],
+                lengths: torch.Tensor) -> SearchResult:
+        cfg, kjt = self.cfg, batch.sparse_features
+        rows = row_ids(lengths, keys.size(0))  # [S]
+        if cfg.search == DareSearch.hard:
+            match = kjt[cfg.hard_search_feature].values() == kjt[cfg.hard_target_feature].values()[rows]  # [S]
+            score = match.to(keys.dtype)
+            indices, valid = jagged_topk(score, lengths, cfg.top_k)
+            picked = torch.cat([score.new_zeros(1), score])[indices + 1]  # [B, K]
+            return SearchResult(indices=indices, valid=valid & (picked > 0), scores=score)
+        with torch.no_grad():
+            score = (keys.detach() * query.detach()[rows]).sum(-1) * self.scale  # [S]
+            if bias is not None:
+                score = score + bias.detach()
+            indices, valid = jagged_topk(score, lengths, cfg.top_k)
+        return SearchResult(indices=indices, valid=valid, scores=score)
+
+    def attend(self, v, query: torch.Tensor, keys: torch.Tensor, bias: Optional[torch.Tensor],
+               result: SearchResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ESU: ``(weights [B, K], values [B, K, R])``; ``h = sum_k weights_k values_k``.
+
+        The weights come from the attention embeddings only, the values (``e_i^repr ⊙ v_t^repr``) from the
+        representation embeddings only.
+        """
+        lengths = v.lengths
+        sel_keys, mask = select_jagged(keys, lengths, result.indices, result.valid)  # [B, K, A]
+        logits = (sel_keys * query.unsqueeze(1)).sum(-1) * self.scale  # [B, K], with gradients this time
+        if bias is not None:
+            logits = logits + select_jagged(bias.unsqueeze(-1), lengths, result.indices, result.valid)[0].squeeze(-1)
+        weights = masked_softmax(logits, mask)  # [B, K]
+        values = v.history_repr if not self.cfg.projection else self.w_v(v.history_repr)  # [S, R]
+        sel_values, _ = select_jagged(values, lengths, result.indices, result.valid)  # [B, K, R]
+        if self.cfg.target_aware:
+            sel_values = sel_values * v.target_repr.unsqueeze(1)  # e_i ⊙ v_t
+        return weights, sel_values
+
+    def run(self, batch: Batch) -> TwoStageOutput:
+        cfg = self.cfg
+        v, query, keys, bias = self.attention_inputs(batch)
+        lengths = v.lengths
+        result = self._search(batch, query, keys, bias, lengths)
+        weights, sel_values = self.attend(v, query, keys, bias, result)  # [B, K], [B, K, R]
+        target = v.target_repr  # [B, R]
+        h = (weights.unsqueeze(-1) * sel_values).sum(1)  # [B, R]
+        parts = [target, h] + ([target * h] if cfg.target_cross else [])
+        if self.user_ec is not None:
+            parts.insert(0, lookup_jagged(self.user_ec, batch.sparse_features, [cfg.user_feature])[cfg.user_feature].values())
+        out = self.mlp(self.norm(torch.cat(parts, dim=-1)))  # [B, T]
+        return TwoStageOutput(logits=out, aux_logits=None, search=result, lengths=lengths)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns logits ``[B, T]``."""
+        return self.run(batch).logits
