@@ -35,7 +35,7 @@ PARAMS = SyntheticParams(
     num_samples=60000, num_eval_samples=10000, num_users=3000, num_items=20000, num_categories=200,
     max_seq_len=2000, length_median=800, row_group_size=2000, files=4, seed=0,
 )  # fmt: skip
-MODELS = ["twin", "sim_hard", "sim_soft", "din_last50"]
+MODELS = ["twin", "dare", "sim_hard", "sim_soft", "din_last50"]
 
 
 def train(model: str, seed: int, data: Path, out: Path, steps: int | None) -> dict:

@@ -134,17 +134,27 @@ class TwinRelevance(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W_h, W_q: torch's Linear default; w_c uniform(+-1/sqrt(width)); beta = 1 (every cross term counts)."""
+        """W_h: torch's Linear default, W_q = W_h (when the widths allow); w_c uniform(+-1/sqrt(width)); beta = 0.
+
+        The GSU ranks by this relevance from the first step, and the relevance learns only from the survivors
+        (the ESU's gradient). Starting from a similarity of the item embeddings (``W_q = W_h``: the same item or
+        category scores high) and without a cross-feature term (``beta = 0``: a random per-time-bucket bias would
+        otherwise decide the first searches) the first survivors are the related behaviours, so the learning
+        signal reaches them; both then train apart. Measured on synthetic_long (README, Two-stage entries).
+        """
         if self.w_c.is_meta:
             return
         self.w_h.reset_parameters()
         self.w_q.reset_parameters()
+        if self.w_q.weight.shape == self.w_h.weight.shape:
+            with torch.no_grad():
+                self.w_q.weight.copy_(self.w_h.weight)
         start = 0
         with torch.no_grad():
             for d in self.cross_dims:
                 nn.init.uniform_(self.w_c[start:start + d], -1.0 / math.sqrt(d), 1.0 / math.sqrt(d))
                 start += d
-        nn.init.constant_(self.beta, 1.0)
+        nn.init.zeros_(self.beta)
 
     def keys(self, inherent: torch.Tensor) -> torch.Tensor:
         """``K_h W_h``: ``[N, I_h] -> [N, H, d_k]`` (the cacheable part: a function of the item alone)."""
