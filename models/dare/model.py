@@ -47,6 +47,13 @@ from modules.target_attention import masked_softmax
 torch.fx.wrap("masked_softmax")
 
 
+class ZeroInitEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` that starts at 0 (DMP materialises meta modules through ``reset_parameters``)."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+
 class DareSearch(str, enum.Enum):
     soft = "soft"
     hard = "hard"
@@ -144,7 +151,8 @@ class DARE(nn.Module):
         self.user_ec = (
             build_embedding_collection(schema, [cfg.user_feature], cfg.repr_dim, device) if cfg.user_feature else None
         )
-        self.time_bias = nn.Embedding(cfg.time_buckets, 1, device=device) if cfg.time_feature else None
+        # 0 at init: a random time bias would decide the first searches (see modules.search.TwinRelevance).
+        self.time_bias = ZeroInitEmbedding(cfg.time_buckets, 1, device=device) if cfg.time_feature else None
         if cfg.projection:
             self.w_q = nn.Linear(a, a, bias=False, device=device)
             self.w_k = nn.Linear(a, a, bias=False, device=device)
