@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -214,9 +214,18 @@ class DARE(nn.Module):
             sel_values = sel_values * v.target_repr.unsqueeze(1)  # e_i ⊙ v_t
         return weights, sel_values
 
-    def run(self, batch: Batch) -> TwoStageOutput:
+    def run(self, batch: Batch, cut: Optional[str] = None) -> TwoStageOutput:
+        """The forward pass; ``cut`` (diagnostics only) stops the gradient of one path at the embeddings:
+        ``"attention"`` (query and keys detached: only the representation path reaches the tables) or
+        ``"representation"`` (target and behaviour representations detached)."""
         cfg = self.cfg
         v, query, keys, bias = self.attention_inputs(batch)
+        if cut == "attention":
+            query, keys = query.detach(), keys.detach()
+        elif cut == "representation":
+            v = replace(v, target_repr=v.target_repr.detach(), history_repr=v.history_repr.detach())
+        elif cut is not None:
+            raise ValueError(f"cut must be None, 'attention' or 'representation', got {cut!r}")
         lengths = v.lengths
         result = self._search(batch, query, keys, bias, lengths)
         weights, sel_values = self.attend(v, query, keys, bias, result)  # [B, K], [B, K, R]
