@@ -208,7 +208,10 @@ class GeneralSearchUnit(nn.Module):
     * ``inherent`` with ``items = (first, inverse)`` from :func:`unique_items`: project each distinct item of
       the batch once and gather (training: a popular item recurs across and within histories);
     * ``cached_keys``: look the projection up in a cache built from a checkpoint (inference,
-      ``models/twin/cache.py``): a lookup and a dot product per behaviour.
+      ``launch/twin_cache.py``): a lookup and a dot product per behaviour;
+    * ``fold=True`` with ``inherent``: fold ``W_h`` into the query, a dot product per behaviour of the inherent
+      features already looked up (the ranking score is linear in ``K_h``): cheaper than any projection
+      whenever the inherent features are at hand and ``I_h`` is not much wider than ``H * d_k``.
 
     Args:
         relevance: the ESU's :class:`TwinRelevance` (shared, not copied: consistency).
@@ -247,6 +250,7 @@ class GeneralSearchUnit(nn.Module):
         inherent: Optional[torch.Tensor] = None,
         items: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         cached_keys: Optional[torch.Tensor] = None,
+        fold: bool = False,
     ) -> SearchResult:
         """Ranks every behaviour and keeps the K best per row.
 
@@ -257,15 +261,26 @@ class GeneralSearchUnit(nn.Module):
             inherent: ``[S, I_h]`` inherent features (unless ``cached_keys``).
             items: ``(first [U], inverse [S])`` to project distinct items once.
             cached_keys: ``[S, H * d_k]`` looked-up cached projections.
+            fold: fold ``W_h`` into the query instead (``u_b = mean_h W_h^h^T q_b W_q^h``, then ``K_h u``): the
+                same ranking score, no behaviour projected at all (with ``inherent``; ignored with a cache).
 
         Returns:
             the :class:`SearchResult`; ties go to the more recent behaviour.
         """
         with torch.no_grad():
-            keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
-            rows = row_ids(lengths, keys.size(0))  # [S]
-            alpha = self.relevance.scores(keys, query.detach(), rows, self.relevance.cross_bias(cross))  # [S, H]
-            score = alpha.mean(dim=-1)  # [S]
+            bias = self.relevance.cross_bias(cross)  # [S, H] or None
+            if fold and cached_keys is None and inherent is not None:
+                # mean_h (K_h W_h^h)(q W_q^h)^T = K_h u with u = mean_h W_h^h^T (q W_q^h): no behaviour is projected.
+                r = self.relevance
+                u = query.detach().reshape(query.size(0), -1) @ r.w_h.weight / r.num_heads  # [B, I_h]
+                rows = row_ids(lengths, inherent.size(0))  # [S]
+                score = (inherent.detach() * u[rows]).sum(dim=-1)  # [S]
+                if bias is not None:
+                    score = score + bias.mean(dim=-1)
+            else:
+                keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
+                rows = row_ids(lengths, keys.size(0))  # [S]
+                score = self.relevance.scores(keys, query.detach(), rows, bias).mean(dim=-1)  # [S]
             indices, valid = jagged_topk(score, lengths, self.top_k)  # [B, K]
         return SearchResult(indices=indices, valid=valid, scores=score)
 

@@ -87,10 +87,13 @@ def _select_jagged(
     offsets = jagged_offsets(lengths).unsqueeze(1)  # [B, 1]
     indices = indices.to(torch.long)
     mask = valid & (indices >= offsets) & (indices < offsets + lengths.unsqueeze(1))  # [B, K]
-    # Row 0 is a constant zero row read by every padding slot, as in `_last_n`.
-    padded_values = torch.cat([values.new_zeros((1,) + values.shape[1:]), values], dim=0)  # [S + 1, ...]
-    index = torch.where(mask, indices + 1, torch.zeros_like(indices))  # [B, K]
-    return padded_values[index], mask  # [B, K, ...], [B, K]
+    if values.size(0) == 0:  # nothing to gather from: every slot is padding
+        return values.new_zeros(indices.shape + values.shape[1:]), mask
+    # Padding slots read row 0 and are zeroed (no copy of the S values: only the [B, K] slots are gathered).
+    index = torch.where(mask, indices, torch.zeros_like(indices))  # [B, K]
+    picked = values[index]  # [B, K, ...]
+    keep = mask.reshape(mask.shape + (1,) * (values.dim() - 1))
+    return picked.masked_fill(~keep, 0), mask  # [B, K, ...], [B, K]
 
 
 def select_jagged(

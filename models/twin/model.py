@@ -52,6 +52,12 @@ class Search(str, enum.Enum):
     inner_product = "inner_product"
 
 
+class GSUKeys(str, enum.Enum):
+    folded = "folded"
+    distinct = "distinct"
+    naive = "naive"
+
+
 class ESU(str, enum.Enum):
     twin = "twin"
     mha = "mha"
@@ -81,7 +87,9 @@ class TWINConfig:
         hard_target_feature: the target's feature for the hard search.
         gsu_dim: width of SIM-soft's ``gsu`` tables.
         gsu_aux_weight: weight of SIM-soft's auxiliary loss.
-        gsu_distinct_items: project each distinct item of the batch once in the GSU (training path).
+        gsu_keys: how the CP-GSU scores behaviours without a cache (the same ranking, up to float rounding):
+            ``folded`` (W_h folded into the query: a dot product with the inherent features, no projection),
+            ``distinct`` (each distinct item of the batch projected once) or ``naive`` (every behaviour).
         gsu_cache: add the projection cache table (``t_<item table>__gsu_cache``, H * d_k wide) and, in eval
             mode, rank by it instead of projecting (fill it with ``python -m models.twin.cache``).
         short_history: L_s of the short-term DIN module (0: no short-term module).
@@ -114,7 +122,7 @@ class TWINConfig:
     hard_target_feature: str = "item_category"
     gsu_dim: int = 16
     gsu_aux_weight: float = 1.0
-    gsu_distinct_items: bool = True
+    gsu_keys: GSUKeys = GSUKeys.folded
     gsu_cache: bool = False
     short_history: int = 50
     short_attention_hidden: list[int] = field(default_factory=lambda: [36])
@@ -232,16 +240,22 @@ class TwoStage(nn.Module):
         if self.aux_bias is not None and not self.aux_bias.is_meta:
             nn.init.zeros_(self.aux_bias)
 
-    def _cross(self, batch: Batch) -> Optional[torch.Tensor]:
-        """``[S, I_c]``: cross id embeddings ++ time-bucket embedding (None without cross features)."""
-        parts = []
+    def _cross(self, batch: Batch) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """The cross features of every behaviour: the id features' embeddings (``[S, cross_dim]`` each, with
+        gradients) and the time buckets (``[S]`` long; None without ``time_feature``)."""
+        ids: list[torch.Tensor] = []
         if self.cross_ec is not None:
             e = lookup_jagged(self.cross_ec, batch.sparse_features, self.cfg.cross_id_features)
-            parts += [e[f].values() for f in self.cfg.cross_id_features]
+            ids = [e[f].values() for f in self.cfg.cross_id_features]
+        bucket = None
         if self.time is not None:
             seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
             bucket = torch.log2(seconds.clamp(min=0.0) + 1.0).long().clamp(max=self.cfg.time_buckets - 1)  # [S]
-            parts.append(self.time(bucket))
+        return ids, bucket
+
+    def _cross_values(self, ids: list[torch.Tensor], bucket: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[..., I_c]``: cross id embeddings ++ time-bucket embedding (None without cross features)."""
+        parts = list(ids) + ([self.time(bucket)] if bucket is not None else [])
         return torch.cat(parts, dim=-1) if parts else None
 
     def _search(self, batch: Batch, target: torch.Tensor, inherent: torch.Tensor, lengths: torch.Tensor,
@@ -254,10 +268,11 @@ class TwoStage(nn.Module):
                 cached = lookup_jagged(self.cache_ec, kjt, cfg.history_features[:1])[cfg.history_features[0]]
                 return self.gsu(query, lengths, cross=cross, cached_keys=cached.values()), None
             items = None
-            if cfg.gsu_distinct_items:
+            if cfg.gsu_keys == GSUKeys.distinct:
                 ids = torch.stack([kjt[f].values() for f in cfg.history_features], dim=1)  # [S, F]
                 items = unique_items(ids, self.item_id_ranges)
-            return self.gsu(query, lengths, cross=cross, inherent=inherent, items=items), None
+            return self.gsu(query, lengths, cross=cross, inherent=inherent, items=items,
+                            fold=cfg.gsu_keys == GSUKeys.folded), None
         if cfg.search == Search.hard:
             match = (kjt[cfg.hard_search_feature].values()
                      == kjt[cfg.hard_target_feature].values()[row_ids(lengths, inherent.size(0))])  # [S]
@@ -286,13 +301,18 @@ class TwoStage(nn.Module):
         target = torch.cat([e[f].values() for f in cfg.target_features], dim=-1)  # [B, I]
         hist = concat_jagged([e[f] for f in cfg.history_features])
         inherent, lengths = hist.values(), hist.lengths()  # [S, I], [B]
-        cross = self._cross(batch)  # [S, I_c] or None
-        values = inherent if cross is None else torch.cat([inherent, cross], dim=-1)  # [S, D_v]
+        ids, bucket = self._cross(batch)
+        with torch.no_grad():  # the search is not differentiable: no [S, I_c] tensor enters the graph
+            cross = self._cross_values(ids, bucket)  # [S, I_c] or None
         result, aux = self._search(batch, target, inherent, lengths, cross)
-        sel_val, mask = gather_survivors(values, lengths, result)  # [B, K, D_v], [B, K]
+        # Only the K survivors are gathered and embedded with gradients (never an [S, D_v] concatenation).
+        sel_inh, mask = gather_survivors(inherent, lengths, result)  # [B, K, I], [B, K]
+        sel_cross = self._cross_values(
+            [gather_survivors(x, lengths, result)[0] for x in ids],
+            gather_survivors(bucket, lengths, result)[0] if bucket is not None else None,
+        )  # [B, K, I_c] or None
+        sel_val = sel_inh if sel_cross is None else torch.cat([sel_inh, sel_cross], dim=-1)  # [B, K, D_v]
         if cfg.esu == ESU.twin:
-            sel_inh = sel_val[..., : self.item_dim]  # [B, K, I]
-            sel_cross = sel_val[..., self.item_dim:] if cross is not None else None  # [B, K, I_c]
             long = self.esu(self.relevance.query(target), sel_inh, sel_val, mask, cross=sel_cross)  # [B, I]
         else:
             long = self.esu(target, sel_val, mask)  # [B, I]

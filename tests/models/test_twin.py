@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from launch.config import load_config
@@ -61,12 +62,17 @@ def test_sim_soft_tables_learn_only_from_the_auxiliary_loss():
     torch.testing.assert_close(loss, parts.loss_parts["ctr"] + parts.loss_parts["gsu_aux"])
 
 
-def test_distinct_item_projection_changes_nothing():
-    a, _, batch, _ = _setup("twin", seed=1, lengths=(0, 60), gsu_distinct_items=True)
-    b, _, _, _ = _setup("twin", seed=1, lengths=(0, 60), gsu_distinct_items=False)
+@pytest.mark.parametrize("keys", ["distinct", "folded"])
+def test_gsu_key_paths_change_nothing(keys):
+    a, _, batch, _ = _setup("twin", seed=1, lengths=(0, 60), gsu_keys=keys)
+    b, _, _, _ = _setup("twin", seed=1, lengths=(0, 60), gsu_keys="naive")
+    with torch.no_grad():  # a trained-like relevance: cross-feature bias on, W_q apart from W_h
+        a.relevance.beta.normal_()
+        a.relevance.w_q.weight.normal_()
     b.load_state_dict(a.state_dict())
     a.eval(), b.eval()
     ra, rb = a.run(batch), b.run(batch)
+    torch.testing.assert_close(ra.search.scores, rb.search.scores, rtol=1e-5, atol=1e-6)
     assert torch.equal(ra.search.indices, rb.search.indices)
     torch.testing.assert_close(ra.logits, rb.logits)
 
