@@ -274,7 +274,7 @@ class GeneralSearchUnit(nn.Module):
                 r = self.relevance
                 u = query.detach().reshape(query.size(0), -1) @ r.w_h.weight / r.num_heads  # [B, I_h]
                 rows = row_ids(lengths, inherent.size(0))  # [S]
-                score = (inherent.detach() * u[rows]).sum(dim=-1)  # [S]
+                score = _dot_rows(inherent.detach().unsqueeze(1), u.unsqueeze(1), rows).squeeze(-1)  # [S]
                 if bias is not None:
                     score = score + bias.mean(dim=-1)
             else:
