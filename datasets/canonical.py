@@ -99,6 +99,12 @@ def canonical_schema(
     return schema
 
 
+def canonical_schema_from_meta(meta: dict) -> SchemaConfig:
+    """The :class:`SchemaConfig` of a converter's output, from its ``meta.json`` dict (``num_ids``)."""
+    n = meta["num_ids"]
+    return canonical_schema(n["user_id"], n["item_id"], n["item_category"])
+
+
 def canonical_table(
     user_id: np.ndarray,
     item_id: np.ndarray,

@@ -50,9 +50,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datasets.canonical import BEHAVIOR_TYPES, canonical_schema
+from datasets.canonical import BEHAVIOR_TYPES, canonical_schema, canonical_schema_from_meta
 from datasets.convert_io import run_converter, staged_output
-from datasets.schema import DataError, SchemaConfig
+from datasets.schema import DataError
 from datasets.taobao_csv import ID_PATTERN, _check, _check_pattern, _csv_batches, _input_problem, _ints
 from datasets.taobao_samples import EventParams, _Events, _event_samples
 
@@ -257,10 +257,7 @@ def convert(input_path: str | Path, out_dir: str | Path, params: Optional[MovieL
     return meta
 
 
-def movielens_schema(meta: dict) -> SchemaConfig:
-    """The :class:`SchemaConfig` of a converted data set, from its ``meta.json`` dict."""
-    n = meta["num_ids"]
-    return canonical_schema(n["user_id"], n["item_id"], n["item_category"])
+movielens_schema = canonical_schema_from_meta  # the schema of this converter's output, from its meta.json dict
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -71,7 +71,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from datasets.canonical import canonical_schema
+from datasets.canonical import canonical_schema, canonical_schema_from_meta
 from datasets.convert_io import run_converter, staged_output
 from datasets.schema import DataError, SchemaConfig
 from datasets.taobao_csv import _Block, _blocks, _merged_blocks, _sort_runs
@@ -321,10 +321,7 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
     return meta
 
 
-def taobao_schema(meta: dict) -> SchemaConfig:
-    """The :class:`SchemaConfig` of a converted data set, from its ``meta.json`` dict."""
-    n = meta["num_ids"]
-    return canonical_schema(n["user_id"], n["item_id"], n["item_category"])
+taobao_schema = canonical_schema_from_meta  # the schema of this converter's output, from its meta.json dict
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -44,9 +44,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from datasets.canonical import canonical_schema
+from datasets.canonical import canonical_schema, canonical_schema_from_meta
 from datasets.convert_io import run_converter, staged_output
-from datasets.schema import SchemaConfig
 from datasets.taobao import _OUTPUT_ENTRIES, TaobaoParams, _samples
 from datasets.taobao_csv import ID_PATTERN, _Block, _check, _check_pattern, _csv_batches, _ints
 
@@ -158,10 +157,7 @@ def convert(input_csv: str | Path, out_dir: str | Path, params: Optional[TaobaoP
     return meta
 
 
-def tmall_schema(meta: dict) -> SchemaConfig:
-    """The :class:`SchemaConfig` of a converted data set, from its ``meta.json`` dict."""
-    n = meta["num_ids"]
-    return canonical_schema(n["user_id"], n["item_id"], n["item_category"])
+tmall_schema = canonical_schema_from_meta  # the schema of this converter's output, from its meta.json dict
 
 
 def main(argv: Optional[list[str]] = None) -> int:
