@@ -73,7 +73,7 @@ import numpy as np
 
 from datasets.canonical import canonical_schema, canonical_schema_from_meta
 from datasets.convert_io import run_converter, staged_output
-from datasets.schema import DataError, SchemaConfig
+from datasets.schema import DataError
 from datasets.taobao_csv import _Block, _blocks, _merged_blocks, _sort_runs
 from datasets.taobao_samples import _NoNegatives, _SplitWriter, _pass2
 
