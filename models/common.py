@@ -143,3 +143,31 @@ def history_caps(schema: SchemaConfig, history_features: Sequence[str], history_
     if len(groups) != 1:
         raise ValueError(f"history features {list(history_features)} span several sequence groups: {sorted(groups)}")
     return {groups.pop(): history_length}
+
+
+def check_search_features(
+    schema: SchemaConfig,
+    target_features: Sequence[str],
+    history_features: Sequence[str],
+    float_sequences: Sequence[Optional[str]],
+    hard_search: Optional[tuple[str, str]] = None,
+) -> None:
+    """The feature checks shared by the search-based entries (TWIN / SIM, DARE).
+
+    Args:
+        target_features: the target's item features.
+        history_features: the behaviours' item features, aligned with them.
+        float_sequences: float sequence features the model reads (None entries are skipped).
+        hard_search: ``(behaviour feature, target feature)`` of a hard search (None: no hard search).
+
+    Raises:
+        ValueError: naming the feature and what was expected.
+    """
+    if not target_features or len(target_features) != len(history_features):
+        raise ValueError(f"target_features {list(target_features)} and history_features {list(history_features)} must align")
+    floats = {f.name: f for f in schema.float_features}
+    for name in float_sequences:
+        if name is not None and (name not in floats or not floats[name].sequence):
+            raise ValueError(f"{name} must be a float sequence feature of the schema, it has {sorted(floats)}")
+    if hard_search is not None and (hard_search[0] not in history_features or hard_search[1] not in target_features):
+        raise ValueError("search: hard needs hard_search_feature in history_features and hard_target_feature in target_features")

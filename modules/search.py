@@ -198,6 +198,30 @@ class SearchResult:
     scores: torch.Tensor
 
 
+def hard_search(behaviours: torch.Tensor, targets: torch.Tensor, lengths: torch.Tensor, k: int) -> SearchResult:
+    """SIM-hard's GSU: per row, the ``k`` most recent behaviours whose value (e.g. category) equals the target's.
+
+    Args:
+        behaviours: ``[S]`` each behaviour's value.
+        targets: ``[B]`` each row's target value.
+        lengths: ``[B]``.
+        k: K.
+
+    Returns:
+        the :class:`SearchResult` (scores ``[S]``: 1 on a match, else 0); rows with fewer matches have padding.
+    """
+    score = (behaviours == targets[row_ids(lengths, behaviours.size(0))]).float()  # [S]
+    indices, valid = jagged_topk(score, lengths, k)  # matches first, most recent first
+    picked = torch.cat([score.new_zeros(1), score])[indices + 1]  # [B, K] (index -1 -> 0)
+    return SearchResult(indices=indices, valid=valid & (picked > 0), scores=score)
+
+
+def log2_time_buckets(seconds: torch.Tensor, buckets: int) -> torch.Tensor:
+    """``floor(log2(1 + seconds))`` clipped to ``[0, buckets - 1]`` (long, any shape): the time-since-behaviour
+    cross feature as an id (negative times count as 0)."""
+    return torch.log2(seconds.clamp(min=0.0) + 1.0).long().clamp(max=buckets - 1)
+
+
 class GeneralSearchUnit(nn.Module):
     """TWIN's Consistency-Preserved GSU: the top K of every row by the ESU's own relevance (mean over heads).
 

@@ -35,12 +35,12 @@ from torch import nn
 
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
-from models.common import require_sample_labels
+from models.common import check_search_features, require_sample_labels
 from models.twin.model import TwoStageOutput
 from modules.decoupled import DecoupledEmbedding
 from modules.embedding import build_embedding_collection, lookup_jagged
 from modules.mlp import MLP, Activation
-from modules.search import SearchResult, row_ids
+from modules.search import SearchResult, hard_search, log2_time_buckets, row_ids
 from modules.sequence import jagged_topk, select_jagged
 from modules.target_attention import masked_softmax
 
@@ -115,18 +115,10 @@ class DAREConfig:
 
 
 def _check(cfg: DAREConfig, schema: SchemaConfig) -> None:
-    if not cfg.target_features or len(cfg.target_features) != len(cfg.history_features):
-        raise ValueError(f"target_features {cfg.target_features} and history_features {cfg.history_features} must align")
+    hard = (cfg.hard_search_feature, cfg.hard_target_feature) if cfg.search == DareSearch.hard else None
+    check_search_features(schema, cfg.target_features, cfg.history_features, [cfg.time_feature, cfg.relevance_feature], hard)
     if cfg.projection and cfg.tables != 1:
         raise ValueError("projection (TWIN w/ proj) projects one shared table: it needs tables: 1")
-    floats = {f.name: f for f in schema.float_features}
-    for name in [cfg.time_feature, cfg.relevance_feature]:
-        if name is not None and (name not in floats or not floats[name].sequence):
-            raise ValueError(f"{name} must be a float sequence feature of the schema, it has {sorted(floats)}")
-    if cfg.search == DareSearch.hard and (
-        cfg.hard_search_feature not in cfg.history_features or cfg.hard_target_feature not in cfg.target_features
-    ):
-        raise ValueError("search: hard needs hard_search_feature in history_features and hard_target_feature in target_features")
     if cfg.top_k <= 0 or cfg.long_history < 0:
         raise ValueError("top_k must be > 0 and long_history >= 0")
 
@@ -167,7 +159,7 @@ class DARE(nn.Module):
         if self.time_bias is None:
             return None
         seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
-        bucket = torch.log2(seconds.clamp(min=0.0) + 1.0).long().clamp(max=self.cfg.time_buckets - 1)  # [S]
+        bucket = log2_time_buckets(seconds, self.cfg.time_buckets)  # [S]
         return self.time_bias(bucket).squeeze(-1)  # [S]
 
     def attention_inputs(self, batch: Batch):
@@ -181,13 +173,10 @@ class DARE(nn.Module):
     def _search(self, batch: Batch, query: torch.Tensor, keys: torch.Tensor, bias: Optional[torch.Tensor],
                 lengths: torch.Tensor) -> SearchResult:
         cfg, kjt = self.cfg, batch.sparse_features
-        rows = row_ids(lengths, keys.size(0))  # [S]
         if cfg.search == DareSearch.hard:
-            match = kjt[cfg.hard_search_feature].values() == kjt[cfg.hard_target_feature].values()[rows]  # [S]
-            score = match.to(keys.dtype)
-            indices, valid = jagged_topk(score, lengths, cfg.top_k)
-            picked = torch.cat([score.new_zeros(1), score])[indices + 1]  # [B, K]
-            return SearchResult(indices=indices, valid=valid & (picked > 0), scores=score)
+            return hard_search(kjt[cfg.hard_search_feature].values(), kjt[cfg.hard_target_feature].values(),
+                               lengths, cfg.top_k)
+        rows = row_ids(lengths, keys.size(0))  # [S]
         with torch.no_grad():
             score = (keys.detach() * query.detach()[rows]).sum(-1) * self.scale  # [S]
             if bias is not None:

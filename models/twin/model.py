@@ -30,7 +30,7 @@ from torch import nn
 
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
-from models.common import require_sample_labels
+from models.common import check_search_features, require_sample_labels
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
 from modules.mlp import MLP, Activation
 from modules.search import (
@@ -39,6 +39,8 @@ from modules.search import (
     SearchResult,
     TwinRelevance,
     gather_survivors,
+    hard_search,
+    log2_time_buckets,
     row_ids,
     unique_items,
 )
@@ -146,8 +148,8 @@ class TwoStageOutput:
 
 
 def _check(cfg: TWINConfig, schema: SchemaConfig) -> None:
-    if not cfg.target_features or len(cfg.target_features) != len(cfg.history_features):
-        raise ValueError(f"target_features {cfg.target_features} and history_features {cfg.history_features} must align")
+    hard = (cfg.hard_search_feature, cfg.hard_target_feature) if cfg.search == Search.hard else None
+    check_search_features(schema, cfg.target_features, cfg.history_features, [cfg.time_feature, cfg.relevance_feature], hard)
     for name in ([cfg.user_feature] if cfg.user_feature else []) + cfg.target_features:
         if schema.id_feature(name).sequence:
             raise ValueError(f"{name} must be a scalar id feature")
@@ -155,14 +157,6 @@ def _check(cfg: TWINConfig, schema: SchemaConfig) -> None:
     groups = {schema.id_feature(n).group for n in seq if schema.id_feature(n).sequence}
     if len(groups) != 1 or not all(schema.id_feature(n).sequence for n in seq):
         raise ValueError(f"behaviour features {seq} must be sequence features of one group")
-    floats = {f.name: f for f in schema.float_features}
-    for name in [cfg.time_feature, cfg.relevance_feature]:
-        if name is not None and (name not in floats or not floats[name].sequence):
-            raise ValueError(f"{name} must be a float sequence feature of the schema, it has {sorted(floats)}")
-    if cfg.search == Search.hard and (
-        cfg.hard_search_feature not in cfg.history_features or cfg.hard_target_feature not in cfg.target_features
-    ):
-        raise ValueError("search: hard needs hard_search_feature in history_features and hard_target_feature in target_features")
     if cfg.top_k <= 0 or cfg.long_history < 0 or cfg.short_history < 0:
         raise ValueError("top_k must be > 0, long_history and short_history >= 0")
     if cfg.gsu_cache and cfg.search != Search.soft:
@@ -250,7 +244,7 @@ class TwoStage(nn.Module):
         bucket = None
         if self.time is not None:
             seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
-            bucket = torch.log2(seconds.clamp(min=0.0) + 1.0).long().clamp(max=self.cfg.time_buckets - 1)  # [S]
+            bucket = log2_time_buckets(seconds, self.cfg.time_buckets)  # [S]
         return ids, bucket
 
     def _cross_values(self, ids: list[torch.Tensor], bucket: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -274,12 +268,8 @@ class TwoStage(nn.Module):
             return self.gsu(query, lengths, cross=cross, inherent=inherent, items=items,
                             fold=cfg.gsu_keys == GSUKeys.folded), None
         if cfg.search == Search.hard:
-            match = (kjt[cfg.hard_search_feature].values()
-                     == kjt[cfg.hard_target_feature].values()[row_ids(lengths, inherent.size(0))])  # [S]
-            score = match.to(inherent.dtype)
-            indices, valid = jagged_topk(score, lengths, cfg.top_k)  # matches first, most recent first
-            picked = torch.cat([score.new_zeros(1), score])[indices + 1]  # [B, K] (index -1 -> 0)
-            return SearchResult(indices=indices, valid=valid & (picked > 0), scores=score), None
+            return hard_search(kjt[cfg.hard_search_feature].values(), kjt[cfg.hard_target_feature].values(),
+                               lengths, cfg.top_k), None
         e = lookup_jagged(self.gsu_ec, kjt, list(cfg.target_features) + cfg.history_features)
         t = torch.cat([e[f].values() for f in cfg.target_features], dim=-1)  # [B, I_g]
         h = concat_jagged([e[f] for f in cfg.history_features]).values()  # [S, I_g]
