@@ -192,6 +192,15 @@ def check_compatible(
     )
 
 
+def find(run_dir: Path, which: str) -> Optional[Path]:
+    """A run's checkpoint for the offline commands: ``best`` (``run_dir/best``), ``latest`` (``run_dir/checkpoints``)
+    or ``which`` itself when it is a checkpoint folder (holds DCP's ``.metadata``); None when there is none."""
+    if which in ("best", "latest"):
+        return latest(run_dir / ("best" if which == "best" else "checkpoints"))
+    path = Path(which)
+    return path if (path / ".metadata").is_file() else None
+
+
 def load_model(path: Path, state: dict[str, Any]) -> None:
     """Loads only ``state["model"]`` from a checkpoint (e.g. the best one, for the test split); RNG untouched."""
     dcp.load(state, checkpoint_id=str(path))

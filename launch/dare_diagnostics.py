@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
@@ -132,15 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg, spec, _ = load_config(args.config, args.overrides)
         if not isinstance(cfg.model, DAREConfig):
             raise ConfigError(f"model {spec.name}: the diagnostics need a dare entry (DARE or model.tables=1 for TWIN)")
-        found = None
-        if args.checkpoint in ("best", "latest"):
-            found = checkpoint.latest(args.run_dir / ("best" if args.checkpoint == "best" else "checkpoints"))
-            if found is None:
-                raise ConfigError(f"{args.run_dir}: no {args.checkpoint} checkpoint")
-        elif args.checkpoint != "init":
-            found = Path(args.checkpoint)
-            if not (found / ".metadata").is_file():
-                raise ConfigError(f"{found}: not a checkpoint")
+        found = None if args.checkpoint == "init" else checkpoint.find(args.run_dir, args.checkpoint)
+        if found is None and args.checkpoint in ("best", "latest"):
+            raise ConfigError(f"{args.run_dir}: no {args.checkpoint} checkpoint")
+        if found is None and args.checkpoint != "init":
+            raise ConfigError(f"{args.checkpoint}: not a checkpoint")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -149,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     train_module = spec.build_train_module(model, cfg.model)
     if found is not None:
         state = train_module.state_dict()
-        dcp.load({"model": state}, checkpoint_id=str(found))
+        checkpoint.load_model(found, {"model": state})
         train_module.load_state_dict(state)
     caps = dict(spec.sequence_caps(cfg.model, cfg.data.schema))
     stream = iter(train_loader(cfg.data, 0, 1, sequence_caps=caps))

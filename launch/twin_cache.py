@@ -67,7 +67,7 @@ def item_attributes(paths: list[str], target: list[str], history: list[str], num
     uniq, n = uniq[order], n[order]
     first = np.ones(len(uniq), dtype=bool)
     first[1:] = uniq[1:, 0] != uniq[:-1, 0]
-    items, per_item = np.unique(uniq[:, 0], return_counts=True)
+    _, per_item = np.unique(uniq[:, 0], return_counts=True)
     attrs = np.zeros((num_items, others), dtype=np.int64)
     seen = np.zeros(num_items, dtype=bool)
     keep = uniq[first]
@@ -131,11 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, spec, _ = load_config(args.config, args.overrides)
         if not isinstance(cfg.model, TWINConfig) or cfg.model.search != Search.soft:
             raise ConfigError(f"model {spec.name}: the projection cache needs a two-stage entry with search: soft")
-        if args.checkpoint in ("best", "latest"):
-            folder = args.run_dir / ("best" if args.checkpoint == "best" else "checkpoints")
-            found = checkpoint.latest(folder)
-        else:
-            found = Path(args.checkpoint) if (Path(args.checkpoint) / ".metadata").is_file() else None
+        found = checkpoint.find(args.run_dir, args.checkpoint)
         if found is None:
             raise ConfigError(f"{args.run_dir}: no {args.checkpoint} checkpoint to build the cache from")
     except ConfigError as e:
@@ -147,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     train_module = spec.build_train_module(model, model_cfg)
     cache_table = table_name(schema.id_feature(model_cfg.history_features[0]).table or model_cfg.history_features[0], "gsu_cache")
     state = {k: v for k, v in train_module.state_dict().items() if cache_table not in k}
-    dcp.load({"model": state}, checkpoint_id=str(found))
+    checkpoint.load_model(found, {"model": state})
     train_module.load_state_dict(state, strict=False)
     num_items = schema.id_feature(model_cfg.history_features[0]).num_embeddings
     splits = list(cfg.data.train_paths) + list(cfg.data.eval_paths) + list(cfg.data.test_paths or [])
