@@ -26,7 +26,7 @@ from models.base import TrainOutput
 def task_names(metric_set: str, schema: SchemaConfig) -> list[str]:
     """The task names evaluation reports: the scalar labels, or the sequence labels (ranking without scalar
     labels, or a schema that has only sequence labels)."""
-    if metric_set == "ranking" and not schema.labels:
+    if metric_set in ("ranking", "preranking") and not schema.labels:
         return [f.name for f in schema.sequence_labels]
     return list(schema.labels) or [f.name for f in schema.sequence_labels]
 
@@ -65,7 +65,7 @@ def evaluate(
     """
     expected = eval_batches(data, world_size, caps)
     fixes = torch.zeros(len(data.schema.id_features), dtype=torch.long)
-    rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "mask": []}
+    rows: dict[str, list[torch.Tensor]] = {"logits": [], "labels": [], "groups": [], "mask": [], "users": []}
     stats: dict[str, list[torch.Tensor]] = {}
     was_training = dmp.training
     dmp.eval()
@@ -81,13 +81,22 @@ def evaluate(
             rows["labels"].append(out.labels[keep].float().cpu())
             rows["groups"].append(out.groups[keep].long().cpu())
             rows["mask"].append(out.mask[keep].cpu())
+            if out.users is not None:
+                rows["users"].append(out.users[keep].long().cpu())
             for name, v in out.row_stats.items():
                 stats.setdefault(name, []).append(v.detach().float().flatten().cpu())
     dmp.train(was_training)
     assert count == expected, f"rank {rank} yielded {count} evaluation batches, the reader promised {expected}"
     t = len(task_names)
-    empty = {"logits": (0, t), "labels": (0, t), "groups": (0,), "mask": (0, t)}
-    dtypes = {"logits": torch.float32, "labels": torch.float32, "groups": torch.long, "mask": torch.bool}
+    # Users are gathered when the train module gives them (the same module on every rank: all or none).
+    has_users = bool(max_ranks(torch.tensor([1 if rows["users"] else 0]), device).item())
+    if not has_users:
+        del rows["users"]
+    elif len(rows["users"]) != len(rows["groups"]):
+        raise AssertionError(f"rank {rank}: the train module gave users for some evaluation batches only")
+    empty = {"logits": (0, t), "labels": (0, t), "groups": (0,), "mask": (0, t), "users": (0,)}
+    dtypes = {"logits": torch.float32, "labels": torch.float32, "groups": torch.long, "mask": torch.bool,
+              "users": torch.long}
     full = {}
     for k, parts in rows.items():
         local = torch.cat(parts) if parts else torch.zeros(empty[k], dtype=dtypes[k])
@@ -96,7 +105,8 @@ def evaluate(
         else:
             full[k] = gather_rows(local.to(device)).cpu()
     metrics = METRIC_SETS[metric_set](
-        full["logits"], full["labels"], full["groups"], list(task_names), mask=full["mask"], options=options
+        full["logits"], full["labels"], full["groups"], list(task_names), mask=full["mask"], options=options,
+        users=full.get("users"),
     )
     means, notes = _row_stat_means(stats, device)
     metrics.update(means)

@@ -1,12 +1,15 @@
 """Evaluation metrics over the whole evaluation set: predictions are gathered from every rank, not averaged.
 
-Two metric sets, each a :class:`MetricSet` (``METRIC_SETS`` names them), over flat rows ``[N]`` and tasks
+Three metric sets, each a :class:`MetricSet` (``METRIC_SETS`` names them), over flat rows ``[N]`` and tasks
 ``[T]``, with an optional validity mask ``[N, T]`` (the rows each task includes):
 
 * ``ctr`` (:func:`ctr_metrics`, the default): per task AUC, GAUC and logloss; ``groups`` are users.
 * ``ranking`` (:func:`ranking_metrics`, request-level data): per task the mean per-request AUC, Recall@K
   and NDCG@K over candidate lists of any lengths; ``groups`` are request ids (rows of one request need not
   be contiguous).
+* ``preranking`` (:func:`preranking_metrics`, request-level pre-ranking over the entire candidate space, DUET):
+  per task both of the above: AUC and logloss over all the task's rows, per-user AUC (``uauc``: GAUC with
+  the rows' ``users`` as groups), and the per-request AUC, Recall@K and NDCG@K of ``ranking``.
 
 A metric that is undefined on the data (AUC over labels of one class, no rows, no request with a positive)
 is NaN (``None`` in metrics.json) and the set's ``notes`` (a list of strings) says why, e.g.
@@ -72,6 +75,8 @@ class MetricSet(Protocol):
         mask: ``[N, T]`` bool, the rows each task includes; None = all.
         task_names: T names, used in the keys (``auc/<name>``).
         options: the set's options; None = defaults.
+        users: ``[N]`` the user of each row, for sets that group by user besides ``groups`` (``preranking``);
+            None = not given (the sets that need it fall back to ``groups``).
 
     Returns:
         Metric name -> value (float, NaN where undefined; int counts), and ``notes``: a list of strings
@@ -86,6 +91,7 @@ class MetricSet(Protocol):
         task_names: Sequence[str],
         mask: Optional[torch.Tensor] = None,
         options: Optional[MetricOptions] = None,
+        users: Optional[torch.Tensor] = None,
     ) -> dict[str, Any]: ...
 
 
@@ -319,6 +325,7 @@ def ctr_metrics(
     label_names: Sequence[str],
     mask: Optional[torch.Tensor] = None,
     options: Optional[MetricOptions] = None,
+    users: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """The ``ctr`` set: AUC, GAUC and logloss per task; the first task's also under ``auc``, ``gauc``, ``logloss``.
 
@@ -332,6 +339,7 @@ def ctr_metrics(
         label_names: T task names.
         mask: ``[N, T]`` bool, the rows each task includes; None = all.
         options: unused (the set has none); accepted to be a :class:`MetricSet`.
+        users: unused (``groups`` are the users here); accepted to be a :class:`MetricSet`.
     """
     _check_inputs(logits, labels, groups, label_names, mask)
     n = int(labels.size(0))
@@ -369,6 +377,7 @@ def ranking_metrics(
     label_names: Sequence[str],
     mask: Optional[torch.Tensor] = None,
     options: Optional[MetricOptions] = None,
+    users: Optional[torch.Tensor] = None,
 ) -> dict[str, Any]:
     """The ``ranking`` set: per-request AUC, Recall@K and NDCG@K per task (definitions: module docstring).
 
@@ -385,6 +394,7 @@ def ranking_metrics(
         label_names: T task names.
         mask: ``[N, T]`` bool, the rows each task includes (e.g. real candidates); None = all.
         options: ``ks``, the cut-offs (default :class:`MetricOptions`).
+        users: unused; accepted to be a :class:`MetricSet`.
     """
     _check_inputs(logits, labels, groups, label_names, mask)
     ks = (options or MetricOptions()).ks
@@ -422,4 +432,54 @@ def ranking_metrics(
     return out
 
 
-METRIC_SETS: Mapping[str, MetricSet] = {"ctr": ctr_metrics, "ranking": ranking_metrics}
+def preranking_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    label_names: Sequence[str],
+    mask: Optional[torch.Tensor] = None,
+    options: Optional[MetricOptions] = None,
+    users: Optional[torch.Tensor] = None,
+) -> dict[str, Any]:
+    """The ``preranking`` set (DUET / RecFlow): pointwise and per-request metrics of candidate rows per task.
+
+    Per task (the first task's also without ``/<name>``): ``auc``, ``logloss`` and ``eval_samples`` over the
+    task's rows, ``uauc`` (per-user AUC: impression-weighted mean of per-user AUCs, computed like ``gauc``
+    with ``users`` as the groups), and ``request_auc``, ``recall@K``, ``ndcg@K``, ``requests`` and the
+    skipped-request counts of the ``ranking`` set with ``groups`` as the requests. A train module chooses
+    the tasks' rows by its mask: e.g. the observed click over the exposed candidates only, and the true
+    click (known in synthetic data) over every candidate for the entire-space AUC.
+
+    Args:
+        logits: ``[N, T]`` one row per candidate, gathered over every rank.
+        labels: ``[N, T]`` 0/1.
+        groups: ``[N]`` request ids.
+        label_names: T task names.
+        mask: ``[N, T]`` bool, the rows each task includes; None = all.
+        options: ``ks``, the cut-offs of Recall@K and NDCG@K.
+        users: ``[N]`` user ids (None: per-user AUC groups by request instead, and a note says so).
+    """
+    _check_inputs(logits, labels, groups, label_names, mask)
+    if users is not None and tuple(users.shape) != (labels.size(0),):
+        raise ValueError(f"preranking metrics need users [N] = [{labels.size(0)}], got {list(users.shape)}")
+    pointwise = ctr_metrics(logits, labels, groups if users is None else users, label_names, mask)
+    ranked = ranking_metrics(logits, labels, groups, label_names, mask, options)
+    out: dict[str, Any] = {"eval_samples": pointwise["eval_samples"]}
+    for key, value in pointwise.items():
+        if key not in ("notes", "eval_samples"):
+            out[key.replace("gauc", "uauc", 1) if key.startswith("gauc") else key] = value
+    for key, value in ranked.items():
+        if key not in ("notes", "eval_samples"):
+            out[key] = value
+    notes = [n.replace("gauc/", "uauc/").replace("GAUC", "per-user AUC") for n in pointwise["notes"]]
+    if users is None:
+        notes.append("uauc: the train module gave no users; per-user AUC groups by request")
+    out["notes"] = notes + list(ranked["notes"])
+    return out
+
+
+METRIC_SETS: Mapping[str, MetricSet] = {
+    "ctr": ctr_metrics,
+    "ranking": ranking_metrics,
+    "preranking": preranking_metrics,
+}

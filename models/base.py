@@ -6,7 +6,7 @@ Shapes: B batch, N evaluation rows (B for per-sample models, candidates for requ
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -29,6 +29,8 @@ class TrainOutput:
         row_stats: named per-row statistics ``[R]`` (any R, e.g. one per sample), NaN where undefined or on
             padding rows; evaluation reports each one's mean over the defined rows of every rank as
             ``<name>`` and their count as ``<name>/rows`` (e.g. a search unit's NDCG against known relevance).
+        users: ``[N]`` int64, the user of each row, when ``groups`` are something else (requests): metric
+            sets that also group by user (``preranking``'s per-user AUC) read it; None = not given.
     """
 
     loss: torch.Tensor
@@ -38,6 +40,7 @@ class TrainOutput:
     mask: torch.Tensor
     loss_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     row_stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    users: Optional[torch.Tensor] = None
 
 
 def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

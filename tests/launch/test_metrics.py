@@ -14,6 +14,7 @@ from launch.metrics import (
     ctr_metrics,
     gauc,
     logloss,
+    preranking_metrics,
     ranking_metrics,
     recall_ndcg_at_k,
     request_auc,
@@ -236,8 +237,37 @@ def test_ranking_undefined_metrics_are_nan_with_notes():
 
 
 def test_metric_sets_registry_and_options():
-    assert set(METRIC_SETS) == {"ctr", "ranking"} and METRIC_SETS["ctr"] is ctr_metrics
+    assert set(METRIC_SETS) == {"ctr", "ranking", "preranking"} and METRIC_SETS["ctr"] is ctr_metrics
     assert MetricOptions().ks == [1, 5, 10]
     for ks in ([], [0], [5, 5], [2.5]):
         with pytest.raises(ValueError, match="ks"):
             MetricOptions(ks=ks)
+
+
+def test_preranking_set_combines_pointwise_per_user_and_per_request_metrics():
+    # Two tasks over the same candidates: "click" over the exposed rows only (mask), "true" over every row.
+    s, y, r = _ranking_rows(2)
+    n = s.numel()
+    users = r % 2  # two users, each with several requests
+    exposed = torch.arange(n) % 3 != 0
+    logits = torch.stack([s, s], dim=1)
+    labels = torch.stack([y, y], dim=1)
+    mask = torch.stack([exposed, torch.ones(n, dtype=torch.bool)], dim=1)
+    opts = MetricOptions(ks=[1, 2])
+    m = preranking_metrics(logits, labels, r, ["click", "true"], mask, opts, users=users)
+    ref_click = ctr_metrics(logits[:, :1], labels[:, :1], users, ["click"], mask[:, :1])
+    ref_true = ctr_metrics(logits[:, 1:], labels[:, 1:], users, ["true"], mask[:, 1:])
+    rank = ranking_metrics(logits, labels, r, ["click", "true"], mask, opts)
+    assert m["auc"] == m["auc/click"] == ref_click["auc"] and m["auc/true"] == ref_true["auc"]
+    assert m["uauc/click"] == ref_click["gauc"] and m["uauc/true"] == ref_true["gauc"]
+    assert m["logloss/true"] == ref_true["logloss"] and m["eval_samples/click"] == int(exposed.sum())
+    for k in ("request_auc/click", "recall@2/true", "ndcg@1/click", "ndcg@2", "requests/true"):
+        assert m[k] == rank[k], k
+    assert m["auc/true"] != m["auc/click"]  # the mask matters
+    # The per-user AUC really groups by user: grouping by request instead gives ranking's GAUC by request.
+    by_request = preranking_metrics(logits, labels, r, ["click", "true"], mask, opts)
+    assert by_request["uauc/true"] == ctr_metrics(logits[:, 1:], labels[:, 1:], r, ["true"])["gauc"]
+    assert by_request["uauc/true"] != m["uauc/true"]
+    assert "uauc: the train module gave no users; per-user AUC groups by request" in by_request["notes"]
+    with pytest.raises(ValueError, match="users"):
+        preranking_metrics(logits, labels, r, ["click", "true"], mask, opts, users=users[:3])
