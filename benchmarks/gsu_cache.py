@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 from modules.search import GeneralSearchUnit, TwinRelevance, unique_items  # noqa: E402
 
-ITEMS, AUTHORS, CATEGORIES = 1_000_000, 100_000, 1_000
-DIMS = (64, 64, 8)  # item id, author id, category
+ITEMS, ATTRIBUTE_ROWS = 1_000_000, 100_000
+DIMS = (64, 64, 8)  # item id, author id, category (TWIN 3.2.1: id features 64 wide, the others 8)
 HEADS, HEAD_DIM, TOP_K = 4, 16, 100
 
 
@@ -51,17 +51,24 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def gsu_table(lengths: list[int], requests: int, repeats: int) -> list[dict]:
+def gsu_table(lengths: list[int], requests: int, repeats: int, dims: tuple[int, ...] = DIMS,
+              heads: int = HEADS, head_dim: int = HEAD_DIM) -> list[dict]:
+    """``dims``: widths of the inherent features, the first the item id's (ITEMS rows), each other an attribute
+    of the item (ATTRIBUTE_ROWS rows, the item's value drawn at random)."""
     g = torch.Generator().manual_seed(0)
-    tables = [torch.randn(n, d, generator=g) for n, d in zip((ITEMS, AUTHORS, CATEGORIES), DIMS)]
-    inherent_dim = sum(DIMS)
-    rel = TwinRelevance(inherent_dim, inherent_dim, cross_dims=[4], num_heads=HEADS, head_dim=HEAD_DIM)
+    tables = [torch.randn(ITEMS if j == 0 else ATTRIBUTE_ROWS, d, generator=g) for j, d in enumerate(dims)]
+    attribute = [torch.randint(0, ATTRIBUTE_ROWS, (ITEMS,), generator=g) for _ in dims[1:]]  # item -> value
+    inherent_dim = sum(dims)
+    rel = TwinRelevance(inherent_dim, inherent_dim, cross_dims=[4], num_heads=heads, head_dim=head_dim)
     gsu = GeneralSearchUnit(rel, TOP_K)
-    item_author = torch.randint(0, AUTHORS, (ITEMS,), generator=g)
-    item_category = torch.randint(0, CATEGORIES, (ITEMS,), generator=g)
+
+    def features(i: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tables[0].index_select(0, i)]
+                         + [t.index_select(0, a[i]) for t, a in zip(tables[1:], attribute)], -1)
+
     with torch.no_grad():
-        cache = torch.cat([rel.keys(torch.cat([tables[0][i], tables[1][item_author[i]], tables[2][item_category[i]]], -1))
-                           .reshape(len(i), -1) for i in torch.arange(ITEMS).split(200_000)])  # [ITEMS, H d_k]
+        cache = torch.cat([rel.keys(features(i)).reshape(len(i), -1)
+                           for i in torch.arange(ITEMS).split(200_000)])  # [ITEMS, H d_k]
     rows = []
     for length in lengths:
         lens = torch.full((requests,), length)
@@ -72,8 +79,7 @@ def gsu_table(lengths: list[int], requests: int, repeats: int) -> list[dict]:
         query = rel.query(torch.randn(requests, inherent_dim, generator=g))
 
         def inherent() -> torch.Tensor:
-            return torch.cat([tables[0].index_select(0, ids), tables[1].index_select(0, item_author[ids]),
-                              tables[2].index_select(0, item_category[ids])], -1)
+            return features(ids)
 
         def naive() -> None:
             gsu(query, lens, cross=cross, inherent=inherent())
@@ -138,14 +144,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS),
+                        help="inherent feature widths, item id first (default: TWIN 3.2.1's 64 64 8)")
+    parser.add_argument("--heads", type=int, default=HEADS)
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
     parser.add_argument("--train", action="store_true", help="also the end-to-end training part")
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--out", type=Path, default=ROOT / "runs/gsu_cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = gsu_table(args.lengths, args.requests, args.repeats)
+    rows = gsu_table(args.lengths, args.requests, args.repeats, tuple(args.dims), args.heads, args.head_dim)
     print(f"GSU time per request ({args.requests} requests per call, best of {args.repeats}, {args.threads} thread(s); "
-          f"inherent {'+'.join(map(str, DIMS))} wide, {HEADS} heads x {HEAD_DIM}, top {TOP_K})")
+          f"inherent {'+'.join(map(str, args.dims))} wide, {args.heads} heads x {args.head_dim}, top {TOP_K})")
     print("| L | naive ms | distinct-item ms | folded ms | cached ms | naive / cached | naive / folded | naive / distinct "
           "| distinct items / L | same top-K |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -302,9 +302,16 @@ class GeneralSearchUnit(nn.Module):
                 if bias is not None:
                     score = score + bias.mean(dim=-1)
             else:
+                # The GSU ranks by the mean over heads, mean_h <k_h, q_h> = <k, q> / H over the H d_k-wide rows:
+                # one dot product per behaviour (a matrix-vector product for one request), no [S, H] scores.
                 keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
                 rows = row_ids(lengths, keys.size(0))  # [S]
-                score = self.relevance.scores(keys, query.detach(), rows, bias).mean(dim=-1)  # [S]
+                r = self.relevance
+                flat_keys = keys.reshape(keys.size(0), 1, r.num_heads * r.head_dim)  # [S, 1, H d_k]
+                flat_query = query.detach().reshape(query.size(0), 1, r.num_heads * r.head_dim)  # [B, 1, H d_k]
+                score = _dot_rows(flat_keys, flat_query, rows).squeeze(-1) / r.num_heads  # [S]
+                if bias is not None:
+                    score = score + bias.mean(dim=-1)
             indices, valid = jagged_topk(score, lengths, self.top_k)  # [B, K]
         return SearchResult(indices=indices, valid=valid, scores=score)
 
