@@ -1,0 +1,182 @@
+"""DUET's set-level head (paper: linear attention scores m candidates in O(m + n) instead of O(m n)): time to score
+ONE request's m candidates with linear vs softmax attention, m = 1,000 ... 5,000, n = 200 behaviours.
+
+The head (Xiao et al. 2025, DUET, set-level modelling): ``F_c-s = Attn(F_can, F_seq, F_seq)`` (candidates over
+the behaviour sequence), ``F_c-c = Attn(F_can, F_can, F_can)`` (candidates over each other), then
+``MLP([F_c-s, F_c-c, F_u, F_cro]) -> one logit per candidate`` with the user features ``F_u`` repeated m times.
+Both modes are the same head with the same parameters; only the mixing differs
+(``modules.linear_attention.SetLinearAttention(attention="linear" | "softmax")``, softmax through
+``scaled_dot_product_attention``). Only c2c is quadratic in m for softmax (c2s is m x n, n fixed), so softmax
+grows with an exponent between 1 and 2; the MLP is linear in m in both modes and bounds the ratio.
+
+Embeddings are random (the time does not depend on their values); ``torch.no_grad``, eval mode,
+``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the two modes interleaved so
+that a loaded machine slows both alike. A second table splits the time at ``--breakdown-m`` into the head's parts.
+
+    .venv/bin/python benchmarks/duet_latency.py [--m 1000 1500 ... 5000] [--n 200] [--model-dim 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from modules.linear_attention import AttentionKind, SetLinearAttention  # noqa: E402
+from modules.mlp import MLP  # noqa: E402
+
+
+class SetHead(nn.Module):
+    """A DUET-like set head over one padded batch of requests (every feature ``dim`` wide).
+
+    Args:
+        dim: width of the candidate, behaviour, user and cross features.
+        model_dim: width of the attention projections and outputs.
+        heads: attention heads.
+        hidden: hidden widths of the prediction MLP.
+        attention: ``linear`` or ``softmax``.
+    """
+
+    def __init__(self, dim: int, model_dim: int, heads: int, hidden: Sequence[int], attention: AttentionKind) -> None:
+        super().__init__()
+        self.c2s = SetLinearAttention(dim, dim, dim, model_dim, heads=heads, attention=attention)
+        self.c2c = SetLinearAttention(dim, dim, dim, model_dim, heads=heads, attention=attention)
+        self.mlp = MLP(2 * model_dim + 2 * dim, hidden, out_features=1)
+
+    def features(
+        self,
+        can: torch.Tensor,
+        seq: torch.Tensor,
+        user: torch.Tensor,
+        cross: torch.Tensor,
+        can_mask: torch.Tensor,
+        seq_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """``[F_c-s, F_c-c, F_u, F_cro]``: ``[B, M, 2 model_dim + 2 D]`` (arguments as in :meth:`forward`)."""
+        f_cs = self.c2s(can, seq, seq, can_mask, seq_mask)  # [B, M, model_dim]
+        f_cc = self.c2c(can, can, can, can_mask, can_mask)  # [B, M, model_dim]
+        f_u = user.unsqueeze(1).expand(-1, can.size(1), -1)  # [B, M, D]: F_u repeated m times
+        return torch.cat([f_cs, f_cc, f_u, cross], dim=-1)  # [B, M, 2 model_dim + 2 D]
+
+    def forward(
+        self,
+        can: torch.Tensor,
+        seq: torch.Tensor,
+        user: torch.Tensor,
+        cross: torch.Tensor,
+        can_mask: torch.Tensor,
+        seq_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scores every candidate.
+
+        Args:
+            can: ``[B, M, D]`` candidates ``F_can``.
+            seq: ``[B, N, D]`` behaviours ``F_seq``.
+            user: ``[B, D]`` user features ``F_u``.
+            cross: ``[B, M, D]`` user-candidate cross features ``F_cro``.
+            can_mask: ``[B, M]`` bool, True on real candidates.
+            seq_mask: ``[B, N]`` bool, True on real behaviours.
+
+        Returns:
+            ``[B, M]`` logits.
+        """
+        return self.mlp(self.features(can, seq, user, cross, can_mask, seq_mask)).squeeze(-1)  # [B, M]
+
+
+def _inputs(m: int, n: int, dim: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(m)
+    return (
+        torch.randn(1, m, dim, generator=g),
+        torch.randn(1, n, dim, generator=g),
+        torch.randn(1, dim, generator=g),
+        torch.randn(1, m, dim, generator=g),
+        torch.ones(1, m, dtype=torch.bool),
+        torch.ones(1, n, dtype=torch.bool),
+    )
+
+
+def _medians(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each function, the functions called in turn within every repeat."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def _slope(ms: Sequence[int], ts: Sequence[float]) -> float:
+    """Least-squares slope of log t over log m (1: linear growth, 2: quadratic)."""
+    xs, ys = [math.log(m) for m in ms], [math.log(t) for t in ts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--m", type=int, nargs="+", default=list(range(1000, 5001, 500)), help="candidates")
+    ap.add_argument("--n", type=int, default=200, help="behaviour sequence length")
+    ap.add_argument("--model-dim", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=1)
+    ap.add_argument("--mlp-hidden", type=int, nargs="*", default=[128, 64])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--breakdown-m", type=int, default=4500)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dim = args.model_dim
+    torch.manual_seed(0)
+    linear = SetHead(dim, args.model_dim, args.heads, args.mlp_hidden, AttentionKind.linear).eval()
+    softmax = SetHead(dim, args.model_dim, args.heads, args.mlp_hidden, AttentionKind.softmax).eval()
+    softmax.load_state_dict(linear.state_dict())  # the same head, the same parameters
+
+    print(f"DUET set head, one request: n = {args.n}, model_dim = {args.model_dim}, heads = {args.heads}, "
+          f"MLP {args.mlp_hidden}, {args.threads} thread(s), median of {args.repeats} after {args.warmup} warmup")
+    print("| m | linear ms | softmax ms | softmax / linear | linear µs / cand | softmax µs / cand |")
+    print("|---|---|---|---|---|---|")
+    lin_ts, soft_ts = [], []
+    with torch.no_grad():
+        for m in args.m:
+            x = _inputs(m, args.n, dim)
+            t_lin, t_soft = _medians([lambda: linear(*x), lambda: softmax(*x)], args.warmup, args.repeats)
+            lin_ts.append(t_lin)
+            soft_ts.append(t_soft)
+            print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | "
+                  f"{t_lin * 1e6 / m:.2f} | {t_soft * 1e6 / m:.2f} |")
+        if len(args.m) > 1:
+            print(f"growth exponent (log-log slope of ms over m): linear {_slope(args.m, lin_ts):.2f}, "
+                  f"softmax {_slope(args.m, soft_ts):.2f}")
+
+        m = args.breakdown_m
+        can, seq, user, cross, can_mask, seq_mask = _inputs(m, args.n, dim)
+        feats = linear.features(can, seq, user, cross, can_mask, seq_mask)
+        parts = {
+            "c2s (m x n)": lambda h: h.c2s(can, seq, seq, can_mask, seq_mask),
+            "c2c (m x m)": lambda h: h.c2c(can, can, can, can_mask, can_mask),
+            "concat + MLP": lambda h: h.mlp(torch.cat([feats[..., :-dim], cross], dim=-1)),
+        }
+        print(f"\nwhere the time goes at m = {m:,} (ms, median of {args.repeats}):")
+        print("| part | linear ms | softmax ms | softmax / linear |")
+        print("|---|---|---|---|")
+        for name, part in parts.items():
+            t_lin, t_soft = _medians([lambda: part(linear), lambda: part(softmax)], args.warmup, args.repeats)
+            print(f"| {name} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
