@@ -63,6 +63,22 @@ def weighted_bce_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch
     return per_task.sum() / w.sum().clamp(min=1.0)
 
 
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q) + KL(q || p)`` of Bernoulli predictions, weighted mean over rows, summed over the rest.
+
+    For Bernoulli ``p = sigmoid(a)``, ``q = sigmoid(b)`` the sum is ``(p - q) * (a - b)`` (>= 0, zero iff
+    ``a = b``). Gradients reach both sides (mutual learning, DUET's consistency term).
+
+    Args:
+        logits_p: ``[N]`` or ``[N, T]``.
+        logits_q: the same shape.
+        weights: ``[N]`` per-row weights (0 on padding).
+    """
+    kl = (torch.sigmoid(logits_p) - torch.sigmoid(logits_q)) * (logits_p - logits_q)  # [N, ...]
+    w = weights.to(kl.dtype).reshape((-1,) + (1,) * (kl.dim() - 1))  # [N, 1...]
+    return (kl * w).sum() / weights.to(kl.dtype).sum().clamp(min=1.0)
+
+
 class CTRTrainModule(nn.Module):
     """Adds the CTR loss to a per-sample model (``forward(batch) -> logits [B, T]``).
 

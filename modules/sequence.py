@@ -186,3 +186,31 @@ def jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[to
     if k <= 0:
         raise ValueError(f"jagged_topk needs k > 0, got {k}")
     return _jagged_topk(scores, lengths, k)
+
+
+@torch.fx.wrap
+def _pad_jagged(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # A leaf under fx tracing: the width is the batch's longest row (a Python int read here, not traced).
+    lengths = lengths.to(torch.long)
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, M]
+    padded = values.new_zeros((lengths.numel(), width) + tuple(values.shape[1:]))  # [B, M, ...]
+    padded[mask] = values
+    return padded, mask
+
+
+def pad_jagged(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads jagged rows (e.g. every request's candidates) to the batch's longest row, left-aligned.
+
+    Row ``b``'s elements fill slots ``[0, lengths[b])`` in order, the rest is zero; ``padded[mask]`` gives
+    ``values`` back in its order. The width M is at least 1 (an all-empty batch gives one padding slot).
+    A leaf under ``torch.fx`` tracing.
+
+    Args:
+        values: ``[N, D]`` (or ``[N]``, ``[N, ...]``) jagged values, rows concatenated, N = sum(lengths).
+        lengths: ``[B]`` integer row lengths.
+
+    Returns:
+        ``(padded [B, M, D], mask [B, M])``, ``mask`` True on real elements.
+    """
+    return _pad_jagged(values, lengths)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from datasets.schema import table_name
 from launch.config import ConfigError, ExperimentConfig, _read_yaml, load_config, validate_experiment
 from models.registry import all_specs
 
@@ -20,7 +21,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 ENTRIES = sorted(all_specs())
 # YAMLs that belong to no zoo entry (data sets, test entries' configs): update when adding one. Each entry's
 # own YAMLs (models/<name>.yaml, tests/<name>_tiny.yaml, experiments/<name>_*.yaml) are counted from the registry.
-EXPECTED_SHARED_COUNT = 9
+EXPECTED_SHARED_COUNT = 11
 
 
 def _entry_configs(name: str) -> list[Path]:
@@ -42,19 +43,32 @@ def test_config_count():
 FIXTURE_TABLE_SIZES = {"t_user_id": 101, "t_item_id": 1001, "t_item_category": 51, "t_hist_behavior_type": 5}
 
 
+# Request-level data (no per-sample labels) is paired with a request-level entry, and request-level entries'
+# model YAMLs with the tiny request data.
+REQUEST_MODEL, REQUEST_DATA = "duet", "configs/datasets/synthetic_requests_tiny.yaml"
+
+
 def _as_experiment(path: Path, tmp_path: Path) -> Path:
     """An experiment file for a partial config: datasets get a model, models get the tiny data set."""
     raw = OmegaConf.load(path)
     includes = [str(path)]
+    request_data = OmegaConf.select(raw, "data.schema.labels") == []
     if "model" not in raw and "includes" not in raw:
-        includes.append(str(ROOT / f"configs/models/{ENTRIES[0]}.yaml"))
+        includes.append(str(ROOT / f"configs/models/{REQUEST_MODEL if request_data else ENTRIES[0]}.yaml"))
     if "data" not in raw and ("includes" not in raw or path.parent.name == "models"):  # a model YAML may include another
-        includes.insert(0, str(ROOT / "configs/datasets/synthetic_tiny.yaml"))
+        name = OmegaConf.select(raw, "model.name")
+        request_model = name is not None and all_specs()[name].metrics == "preranking"
+        includes.insert(0, str(ROOT / (REQUEST_DATA if request_model else "configs/datasets/synthetic_tiny.yaml")))
     doc: dict = {"includes": includes}
-    if OmegaConf.select(_read_yaml(path), "data.meta_path"):
-        # Table sizes come from a converter's meta.json that a fresh clone does not have: stand one in.
+    merged = _read_yaml(path)
+    if OmegaConf.select(merged, "data.meta_path"):
+        # Table sizes come from a converter's meta.json that a fresh clone does not have: stand one in, with the
+        # tables the schema names (the Taobao converter's fixture sizes where they apply).
+        sizes = dict(FIXTURE_TABLE_SIZES)
+        for f in OmegaConf.select(merged, "data.schema.id_features") or []:
+            sizes.setdefault(table_name(f.get("table") or f["name"]), 1001)
         meta = tmp_path / "meta.json"
-        meta.write_text(json.dumps({"table_sizes": FIXTURE_TABLE_SIZES}))
+        meta.write_text(json.dumps({"table_sizes": sizes}))
         doc["data"] = {"meta_path": str(meta)}
     exp = tmp_path / "exp.yaml"
     exp.write_text(OmegaConf.to_yaml(doc))

@@ -21,7 +21,7 @@ from torch import nn
 
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
-from models.base import TrainOutput, weighted_bce_loss
+from models.base import TrainOutput, symmetric_kl, weighted_bce_loss
 from models.common import history_caps, require_sample_labels
 from models.registry import ModelSpec, register
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
@@ -103,22 +103,6 @@ class CotrainTiny(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(logits of A [B, T], logits of B [B, T])``."""
         return self.a(batch), self.b(batch)
-
-
-def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q) + KL(q || p)`` of Bernoulli predictions, weighted mean over samples, summed over tasks.
-
-    For Bernoulli ``p = sigmoid(a)``, ``q = sigmoid(b)`` the sum is ``(p - q) * (a - b)`` (>= 0, zero iff
-    ``a = b``).
-
-    Args:
-        logits_p: ``[B, T]``.
-        logits_q: ``[B, T]``.
-        weights: ``[B]`` per-sample weights (0 on padding).
-    """
-    kl = (torch.sigmoid(logits_p) - torch.sigmoid(logits_q)) * (logits_p - logits_q)  # [B, T]
-    w = weights.to(kl.dtype)  # [B]
-    return (kl * w.unsqueeze(1)).sum() / w.sum().clamp(min=1.0)
 
 
 class CotrainTrainModule(nn.Module):

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
 from datasets.canonical import canonical_schema
+from launch.config import load_config
 from models.registry import all_specs
 
 YAMLS = sorted(Path("configs/models").glob("*.yaml"))
@@ -34,8 +35,13 @@ def test_every_entry_has_a_model_yaml():
 def test_model_yaml_loads_strictly_and_builds_on_meta(path: Path):
     spec, cfg = _load(path)
     assert spec.name == path.stem and isinstance(cfg, spec.config_cls)
-    # The canonical schema (behaviour type, time delta and relevance included): what every entry's YAML names.
-    model = spec.build(cfg, canonical_schema(40, 60, 8, with_relevance=True), torch.device("meta"))
+    # The canonical schema (behaviour type, time delta and relevance included): what every per-sample entry's
+    # YAML names; the request-level pre-rankers read the request schema of the synthetic request data.
+    if spec.metrics == "preranking":
+        schema = load_config(Path("configs/tests/duet_tiny.yaml"))[0].data.schema
+    else:
+        schema = canonical_schema(40, 60, 8, with_relevance=True)
+    model = spec.build(cfg, schema, torch.device("meta"))
     assert all(p.is_meta for p in model.parameters())
     with pytest.raises(ConfigKeyError):
         OmegaConf.merge(OmegaConf.structured(spec.config_cls), {"no_such_field": 1})
