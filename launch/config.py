@@ -261,10 +261,10 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
         options = MetricOptions(ks=list(cfg.eval.ks))
     except ValueError as e:
         raise ConfigError(f"eval.ks: {e}") from None
-    from launch.evaluation import metric_names, task_names
+    from launch.evaluation import metric_names, spec_task_names
 
     metric = cfg.eval.best_metric or spec.select_metric
-    names = metric_names(spec.metrics, task_names(spec.metrics, schema), options)
+    names = metric_names(spec.metrics, spec_task_names(spec, cfg.model, schema), options)
     if metric not in names:
         source = "eval.best_metric" if cfg.eval.best_metric else f"model ({spec.name}) select_metric"
         raise ConfigError(

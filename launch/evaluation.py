@@ -31,6 +31,13 @@ def task_names(metric_set: str, schema: SchemaConfig) -> list[str]:
     return list(schema.labels) or [f.name for f in schema.sequence_labels]
 
 
+def spec_task_names(spec: Any, model_cfg: Any, schema: SchemaConfig) -> list[str]:
+    """The task names of a zoo entry: its ``ModelSpec.tasks`` when it declares them, else :func:`task_names`."""
+    if spec.tasks is not None:
+        return list(spec.tasks(model_cfg, schema))
+    return task_names(spec.metrics, schema)
+
+
 def metric_names(metric_set: str, tasks: Sequence[str], options: MetricOptions) -> list[str]:
     """The numeric metrics ``metric_set`` computes for ``tasks`` (its keys on two made-up rows), sorted: what
     ``eval.best_metric`` may name."""

@@ -31,7 +31,7 @@ from datasets.reader import count_rows, expand_paths, steps_per_epoch, train_loa
 from datasets.schema import DataError
 from launch import checkpoint, sharding
 from launch.config import ConfigError, Device, ExperimentConfig, dump_config
-from launch.evaluation import Best, evaluate, max_ranks, split_config, sum_ranks, task_names
+from launch.evaluation import Best, evaluate, max_ranks, spec_task_names, split_config, sum_ranks
 from launch.metrics import MetricOptions
 from launch.optim import apply_sparse_optimizers, build_optimizer, replicated
 from models.base import TrainOutput
@@ -162,7 +162,7 @@ class Trainer:
         self.points = eval_points(cfg, env.world_size, self.total)
         self.position = self.data_position()
         self.options = MetricOptions(ks=list(cfg.eval.ks))
-        self.tasks = task_names(spec.metrics, self.schema)
+        self.tasks = spec_task_names(spec, cfg.model, self.schema)
         metric = cfg.eval.best_metric or spec.select_metric
         mode = cfg.eval.best_mode if cfg.eval.best_mode != "auto" else ("min" if "loss" in metric else "max")
         self.best = Best(metric, mode)

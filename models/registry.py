@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ class ModelSpec:
             ``launch.metrics.METRIC_SETS``: ``ctr`` (AUC, GAUC, logloss per task) or ``ranking`` (per-request
             AUC, Recall@K, NDCG@K with K from ``eval.ks``).
         select_metric: the metric that picks the best checkpoint by default (``eval.best_metric`` overrides).
+        tasks: ``(config, schema) -> task names``: the columns of the train module's ``TrainOutput`` rows, when
+            they are not one per label column (None: the schema's labels, or its sequence labels; see
+            ``launch.evaluation.task_names``). E.g. the pre-rankers score the observed click twice, over the
+            exposed candidates and over all of them.
     """
 
     name: str
@@ -54,6 +58,7 @@ class ModelSpec:
     sequence_caps: Callable[[Any, SchemaConfig], Mapping[str, int]] = lambda config, schema: {}
     metrics: str = "ctr"
     select_metric: str = "auc"
+    tasks: Optional[Callable[[Any, SchemaConfig], Sequence[str]]] = None
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

@@ -10,7 +10,13 @@ from typing import Mapping
 
 from datasets.schema import SchemaConfig, table_name
 from models.duet.model import Arch, PreRanker, PreRankerConfig, Training, check_preranking_schema
-from models.duet.train import TWO_MODELS, PreRankingModel, PreRankingTrainModule, build_preranking_train_module
+from models.duet.train import (
+    TWO_MODELS,
+    PreRankingModel,
+    PreRankingTrainModule,
+    build_preranking_train_module,
+    preranking_tasks,
+)
 from models.registry import ModelSpec, TableConstraint, register
 
 __all__ = [
@@ -46,6 +52,7 @@ def preranking_spec(name: str, config_cls: type) -> ModelSpec:
         sequence_caps=_caps,
         metrics="preranking",
         select_metric="auc",
+        tasks=preranking_tasks,
     )
 
 

@@ -24,9 +24,13 @@ the candidates in S (E = exposed, U = unexposed, all = every candidate).
   reaches a model through the pseudo labels it is given, nor through the ones it gives), plus ``kl_weight *
   mean_all [KL(P_A || P_B) + KL(P_B || P_A)]``, which trains both.
 
-Evaluation rows are the candidates of the served model, one task per sequence label of the schema (e.g.
-``cand_click`` over the exposed candidates only, ``cand_exposed`` and, in synthetic data, ``cand_true_click``
-over every candidate: the entire-space metrics), grouped by request, with the users for the per-user AUC.
+Evaluation rows are the candidates of the served model, grouped by request, with the users for the per-user
+AUC; the tasks (:func:`preranking_tasks`) are the observed click twice: ``<label>`` over the exposed candidates
+only (AUC and per-user AUC in the exposure space, the metric that picks the best checkpoint: real logs have
+no other labels) and ``<label>@all`` over every candidate, unexposed ones counting as not clicked (RecFlow's
+pre-ranking protocol: Recall@K and NDCG@K of the request's candidate list); then every other sequence label of
+the schema over every candidate (``cand_exposed``: does the model rank what was shown first;
+``cand_true_click`` in synthetic data: the entire-space AUC, every label known).
 
 Shapes: B requests, N candidates in the batch, T tasks (the schema's sequence labels), F representation width.
 """
@@ -60,6 +64,11 @@ def soft_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, t, reduction="none") - entropy
 
 
+def preranking_tasks(cfg: PreRankerConfig, schema: SchemaConfig) -> list[str]:
+    """The evaluation tasks (module docstring): ``[label, label@all, other sequence labels...]``."""
+    return [cfg.label, f"{cfg.label}@all", *(f.name for f in schema.sequence_labels if f.name != cfg.label)]
+
+
 def _wmean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``sum(x * w) / max(sum(w), 1)`` (0 when no row has weight)."""
     return (x * w).sum() / w.sum().clamp(min=1.0)
@@ -90,7 +99,7 @@ class PreRankingModel(nn.Module):
             MLP(self._hidden_width(cfg, schema), cfg.tower_hidden, out_features=1, device=device)
             if cfg.training == Training.dr_jl else None
         )
-        self.eval_labels = [f.name for f in schema.sequence_labels]
+        self.tasks = preranking_tasks(cfg, schema)
 
     @staticmethod
     def _hidden_width(cfg: PreRankerConfig, schema: SchemaConfig) -> int:
@@ -127,7 +136,9 @@ class PreRankingTrainModule(nn.Module):
         self.floor = cfg.propensity_floor
         self.pseudo_weight, self.kl_weight = cfg.pseudo_weight, cfg.kl_weight
         self.serve_b = model.b is not None and cfg.serve == "b"
-        self.eval_labels = list(model.eval_labels)
+        self.tasks = list(model.tasks)
+        # The label column each task reads (``<label>@all`` reads ``<label>``).
+        self.task_labels = [cfg.label if t == f"{cfg.label}@all" else t for t in self.tasks]
         self.user_feature = cfg.user_features[0] if cfg.user_features else None
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, TrainOutput]:
@@ -205,15 +216,15 @@ class PreRankingTrainModule(nn.Module):
         o: torch.Tensor, lengths: torch.Tensor,
     ) -> TrainOutput:
         n = served.logits.size(0)
-        labels = torch.stack([batch.sequence_labels[name].values() for name in self.eval_labels], dim=1)  # [N, T]
+        labels = torch.stack([batch.sequence_labels[name].values() for name in self.task_labels], dim=1)  # [N, T]
         valid = torch.repeat_interleave(batch.valid, lengths)  # [N]
-        masks = [valid & (o > 0.5) if name == self.label else valid for name in self.eval_labels]
+        masks = [valid & (o > 0.5) if name == self.label else valid for name in self.tasks]
         users = None
         if self.user_feature is not None:
             users = torch.repeat_interleave(batch.sparse_features[self.user_feature].values(), lengths)  # [N]
         return TrainOutput(
             loss=loss.detach(),
-            logits=served.logits.detach().unsqueeze(1).expand(n, len(self.eval_labels)),
+            logits=served.logits.detach().unsqueeze(1).expand(n, len(self.tasks)),
             labels=labels,
             groups=torch.repeat_interleave(batch.group_ids, lengths),
             mask=torch.stack(masks, dim=1),

@@ -69,11 +69,52 @@ def _losses(run_dir: Path) -> list[float]:
     return [e.value for e in acc.Scalars("train/loss")]
 
 
-# The zoo's entries (not the test entries of tests/entries, which register when imported).
+# The zoo's entries (not the test entries of tests/entries, which register when imported): the per-sample CTR
+# entries on the tiny synthetic data, the request-level pre-rankers on the tiny synthetic request data.
 ZOO = sorted(n for n, spec in all_specs().items() if spec.config_cls.__module__.startswith("models."))
+PRERANKING = [n for n in ZOO if all_specs()[n].metrics == "preranking"]
+CTR = [n for n in ZOO if n not in PRERANKING]
 
 
-@pytest.mark.parametrize("entry", ZOO)
+@pytest.fixture(scope="module")
+def request_data(tmp_path_factory) -> Path:
+    from tests.datasets.test_synthetic_requests import TINY  # the parameters of synthetic_requests_tiny.yaml
+    from datasets.synthetic_requests import generate as generate_requests
+
+    out = tmp_path_factory.mktemp("synthetic_requests_tiny")
+    generate_requests(out, TINY)
+    return out
+
+
+@pytest.mark.parametrize("entry", PRERANKING)
+def test_preranking_tiny_run_trains_and_reports(entry, request_data, tmp_path):
+    run_dir = tmp_path / entry
+    paths = [f"data.train_paths=[{request_data}/train/*.parquet]", f"data.eval_paths=[{request_data}/valid/*.parquet]",
+             f"data.test_paths=[{request_data}/test/*.parquet]"]
+    m = _torchrun(f"configs/tests/{entry}_tiny.yaml", run_dir, paths + ["train.log_every=1"])
+    assert m["model"] == entry and m["steps"] == 20 and m["world_size"] == 2
+    ev = m["eval"]
+    # Every validation request once, each candidate once per task; the exposed-click task only on exposed ones.
+    assert ev["requests/cand_true_click"] == ev["requests/cand_click@all"] == 200
+    assert ev["eval_samples/cand_click"] < ev["eval_samples/cand_true_click"] == ev["eval_samples"]
+    for key in ("auc", "uauc", "logloss", "auc/cand_true_click", "uauc/cand_true_click", "recall@10/cand_click@all",
+                "ndcg@5/cand_click@all", "request_auc/cand_true_click"):
+        assert isinstance(ev[key], float) and 0.0 <= ev[key] <= 1.0 or key == "logloss", (key, ev[key])
+    assert m["auc"] == ev["auc/cand_click"] and m["test"]["checkpoint"].startswith("best")
+    losses = _losses(run_dir)
+    assert len(losses) == 20 and all(l == l and abs(l) < 1e3 for l in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+    plan = (run_dir / "plan.txt").read_text()
+    if all_specs()[entry].config_cls().training.value == "cotrain":  # two sub-models: both sets of tables planned
+        assert "t_item_id__a" in plan and "t_item_id__b" in plan
+        acc = EventAccumulator(str(run_dir / "tb"))
+        acc.Reload()
+        assert {"train/kl", "train/pseudo_a", "train/bce_b"} <= set(acc.Tags()["scalars"])
+    else:
+        assert "t_item_id" in plan and "__a" not in plan
+
+
+@pytest.mark.parametrize("entry", CTR)
 def test_tiny_run_trains_and_reports(entry, tiny_data, tmp_path):
     run_dir = tmp_path / entry
     m = _torchrun(f"configs/tests/{entry}_tiny.yaml", run_dir, _data_overrides(tiny_data) + ["train.log_every=1"])

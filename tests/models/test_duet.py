@@ -171,14 +171,15 @@ def test_evaluation_rows_tasks_masks_and_users():
     batch = columns_to_batch(schema, cols)
     _, out = module(batch)
     n = sum(len(c) for c in cols["cand_item_id"])
-    assert module.eval_labels == ["cand_click", "cand_exposed", "cand_true_click"]
-    assert out.logits.shape == (n, 3) and torch.equal(out.logits[:, 0], out.logits[:, 2])
+    assert module.tasks == ["cand_click", "cand_click@all", "cand_exposed", "cand_true_click"]
+    assert out.logits.shape == (n, 4) and torch.equal(out.logits[:, 0], out.logits[:, 3])
     exposed = torch.tensor([v for row in cols["cand_exposed"] for v in row]) > 0.5
     assert torch.equal(out.mask[:, 0], exposed) and out.mask[:, 1:].all()  # click: exposed only; the rest: all
+    assert torch.equal(out.labels[:, 0], out.labels[:, 1])  # cand_click@all: the same clicks over all candidates
     want_users = torch.tensor([u for u, c in zip(cols["user_id"], cols["cand_item_id"]) for _ in c])
     want_requests = torch.tensor([r for r, c in zip(cols["request_id"], cols["cand_item_id"]) for _ in c])
     assert torch.equal(out.users, want_users) and torch.equal(out.groups, want_requests)
-    torch.testing.assert_close(out.labels[:, 2], torch.tensor([v for row in cols["cand_true_click"] for v in row]))
+    torch.testing.assert_close(out.labels[:, 3], torch.tensor([v for row in cols["cand_true_click"] for v in row]))
 
 
 def test_bad_configs_are_rejected():
