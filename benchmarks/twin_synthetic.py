@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.runs import torchrun_train  # noqa: E402
 from datasets.synthetic import SyntheticParams, generate  # noqa: E402
 
 PARAMS = SyntheticParams(
@@ -38,24 +37,20 @@ PARAMS = SyntheticParams(
 MODELS = ["twin", "dare", "sim_hard", "sim_soft", "din_last50"]
 
 
-def train(model: str, seed: int, data: Path, out: Path, steps: int | None) -> dict:
+def train(model: str, seed: int, data: Path, out: Path, steps: int | None, config: str | None = None,
+          extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """Trains ``configs/experiments/<config or model>_synthetic_long.yaml`` with ``extra`` overrides into
+    ``out/<model>_seed<seed>`` on 2 ranks (a finished run's metrics are reused) and returns its metrics."""
     run_dir = out / f"{model}_seed{seed}"
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        return json.loads(metrics.read_text())
     overrides = [
-        f"run_dir={run_dir}", f"train.seed={seed}", f"data.seed={seed}", "train.progress_bar=false",
+        f"train.seed={seed}", f"data.seed={seed}",
         f"data.train_paths=[{data}/train/*.parquet]", f"data.eval_paths=[{data}/eval/*.parquet]",
     ]  # fmt: skip
     if steps is not None:
         overrides += [f"train.max_steps={steps}", f"train.eval_every={max(1, steps // 4)}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "launch.train", "--config", f"configs/experiments/{model}_synthetic_long.yaml", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{model} seed {seed} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(metrics.read_text())
+    overrides += list(extra)
+    return torchrun_train(f"configs/experiments/{config or model}_synthetic_long.yaml", run_dir, overrides,
+                          f"{model} seed {seed}")
 
 
 def best_auc(m: dict) -> float:
