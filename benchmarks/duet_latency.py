@@ -13,6 +13,10 @@ Embeddings are random (the time does not depend on their values); ``torch.no_gra
 ``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the two modes interleaved so
 that a loaded machine slows both alike. A second table splits the time at ``--breakdown-m`` into the head's parts.
 
+A third table times the zoo's own scorer, ``models.duet.PreRanker`` built from ``configs/models/duet.yaml``
+(``--zoo-config``; ``model.attention`` linear vs softmax, the same parameters), on a one-request Batch with m
+candidates and n behaviours: embedding lookups, padding, both attentions and the MLP included.
+
     .venv/bin/python benchmarks/duet_latency.py [--m 1000 1500 ... 5000] [--n 200] [--model-dim 64]
 """
 
@@ -126,6 +130,53 @@ def _slope(ms: Sequence[int], ts: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def _zoo_scorers(config: Path) -> tuple[nn.Module, nn.Module, object]:
+    """The zoo's duet scorer from ``config`` (a model YAML) in both attention modes, and its request schema."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from datasets.config import DataConfig
+    from launch.config import _read_yaml
+    from models.duet import PreRanker, PreRankerConfig, Training
+
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig),
+                                               _read_yaml(ROOT / "configs/datasets/synthetic_requests_tiny.yaml").data))
+    schema = data.schema
+    for f in schema.id_features:  # production-like table sizes (the lookups then leave the caches)
+        f.num_embeddings = {"item_id": 1_000_000, "item_category": 1_000}.get(f.table or f.name, f.num_embeddings)
+    section = OmegaConf.load(config).model
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PreRankerConfig), section))
+    cfg = dataclasses.replace(cfg, training=Training.exposed, user_features=["user_id", "user_segment"])
+    torch.manual_seed(0)
+    linear = PreRanker(dataclasses.replace(cfg, attention="linear"), schema, None, None).eval()
+    softmax = PreRanker(dataclasses.replace(cfg, attention="softmax"), schema, None, None).eval()
+    softmax.load_state_dict(linear.state_dict())
+    return linear, softmax, schema
+
+
+def _zoo_batch(schema, m: int, n: int):
+    """One request: n behaviours, m candidates, random ids in range."""
+    import numpy as np
+    import pyarrow as pa
+
+    from datasets.config import DataConfig
+    from datasets.decode import Where, decode
+
+    rng = np.random.default_rng(m)
+    sizes = {f.name: f.num_embeddings for f in schema.id_features}
+    cols = {"request_id": [1], "user_id": [1], "user_segment": [1]}
+    for name in ("hist_item_id", "hist_category"):
+        cols[name] = [rng.integers(1, sizes[name], n).tolist()]
+    for name in ("cand_item_id", "cand_category", "cand_cross"):
+        cols[name] = [rng.integers(1, sizes[name], m).tolist()]
+    for name in ("cand_propensity", "cand_stage", "cand_click", "cand_exposed", "cand_true_click"):
+        cols[name] = [np.zeros(m, dtype=np.float32).tolist()]
+    types = schema.arrow_types()
+    table = pa.table({k: pa.array(v, type=types[k][0]) for k, v in cols.items()})
+    return decode(table, schema, DataConfig(schema=schema), {}, Where("duet_latency", 0, 0, 0)).to_batch(schema)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--m", type=int, nargs="+", default=list(range(1000, 5001, 500)), help="candidates")
@@ -137,6 +188,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--breakdown-m", type=int, default=4500)
+    ap.add_argument("--zoo-config", type=Path, default=ROOT / "configs/models/duet.yaml")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dim = args.model_dim
@@ -176,6 +228,22 @@ def main() -> None:
         for name, part in parts.items():
             t_lin, t_soft = _medians([lambda: part(linear), lambda: part(softmax)], args.warmup, args.repeats)
             print(f"| {name} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x |")
+
+        zoo_lin, zoo_soft, schema = _zoo_scorers(args.zoo_config)
+        c = zoo_lin.cfg
+        print(f"\nthe zoo's duet scorer ({args.zoo_config.relative_to(ROOT)}: embedding {c.embedding_dim}, "
+              f"model_dim {c.model_dim}, heads {c.heads}, MLP {c.mlp_hidden}), one request Batch, n = {args.n}:")
+        print("| m | linear ms | softmax ms | softmax / linear | linear µs / cand |")
+        print("|---|---|---|---|---|")
+        zl, zs = [], []
+        for m in args.m:
+            b = _zoo_batch(schema, m, args.n)
+            t_lin, t_soft = _medians([lambda: zoo_lin(b), lambda: zoo_soft(b)], args.warmup, args.repeats)
+            zl.append(t_lin)
+            zs.append(t_soft)
+            print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | {t_lin * 1e6 / m:.2f} |")
+        if len(args.m) > 1:
+            print(f"growth exponent: linear {_slope(args.m, zl):.2f}, softmax {_slope(args.m, zs):.2f}")
 
 
 if __name__ == "__main__":
