@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingPlan, ShardingType
 
 from launch.plan_files import plan_from_json, shard_metadata
@@ -60,6 +60,48 @@ class TableShardingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """A cluster to plan for without running on it (``python -m launch.plan_cluster``); training plans for the
+    ranks it runs on and ignores this section.
+
+    Attributes:
+        world_size: ranks (GPUs, or CPU processes) of the target job.
+        local_world_size: ranks per host (nodes = world_size / local_world_size).
+        device: ``cuda`` or ``cpu``: the compute device the planner costs kernels for.
+        hbm_gib: accelerator memory per rank the planner may use, GiB (None = torchrec's default).
+        ddr_gib: host memory per rank the planner may use, GiB (None = torchrec's default).
+        intra_host_gbps: bandwidth between ranks of one host, GB/s (None = torchrec's default).
+        inter_host_gbps: bandwidth between hosts, GB/s (None = torchrec's default).
+        hbm_mem_gbps: HBM memory bandwidth, GB/s (None = torchrec's default).
+        ddr_mem_gbps: host memory bandwidth, GB/s (None = torchrec's default).
+    """
+
+    world_size: int = 8
+    local_world_size: int = 8
+    device: str = "cuda"
+    hbm_gib: Optional[float] = None
+    ddr_gib: Optional[float] = None
+    intra_host_gbps: Optional[float] = None
+    inter_host_gbps: Optional[float] = None
+    hbm_mem_gbps: Optional[float] = None
+    ddr_mem_gbps: Optional[float] = None
+
+    def validate(self) -> None:
+        """Raises ValueError naming the bad field."""
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"sharding.cluster.device must be cpu or cuda, got {self.device!r}")
+        if self.world_size <= 0 or self.local_world_size <= 0 or self.world_size % self.local_world_size:
+            raise ValueError(
+                f"sharding.cluster.world_size ({self.world_size}) must be a positive multiple of"
+                f" local_world_size ({self.local_world_size})"
+            )
+        for name in ("hbm_gib", "ddr_gib", "intra_host_gbps", "inter_host_gbps", "hbm_mem_gbps", "ddr_mem_gbps"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"sharding.cluster.{name} must be > 0 (or null for torchrec's default), got {v}")
+
+
+@dataclass
 class ShardingConfig:
     """The ``sharding`` section of an experiment.
 
@@ -76,6 +118,7 @@ class ShardingConfig:
         hbm_cap: bytes of accelerator memory per rank the planner may use (None = torchrec's default;
             ignored on CPU, which has no HBM).
         ddr_cap: bytes of host memory per rank the planner may use (None = torchrec's default).
+        cluster: the target cluster of ``python -m launch.plan_cluster`` (dry-run planning; training ignores it).
     """
 
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
@@ -84,6 +127,7 @@ class ShardingConfig:
     batch_size: Optional[int] = None
     hbm_cap: Optional[int] = None
     ddr_cap: Optional[int] = None
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         """Checks sharding type and kernel names and numeric fields (not table keys: see select_tables).
@@ -101,6 +145,7 @@ class ShardingConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"sharding.{name} must be > 0 (or null for torchrec's default), got {v}")
+        self.cluster.validate()
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
@@ -262,6 +307,29 @@ def build_topology(
     )
 
 
+def cluster_topology(cluster: ClusterConfig) -> Topology:
+    """The planner's view of a target cluster (:class:`ClusterConfig`): ranks, hosts, memory and bandwidths."""
+    cluster.validate()
+    gib, gbps = 1024**3, 1e9 / 1e3  # bytes; GB/s -> bytes/ms (torchrec's bandwidth unit)
+
+    def scaled(v: Optional[float], unit: float) -> Optional[float]:
+        return None if v is None else v * unit
+
+    hardware = HardwareConfig(
+        hbm_cap_bytes=None if cluster.hbm_gib is None else int(cluster.hbm_gib * gib),
+        ddr_cap_bytes=None if cluster.ddr_gib is None else int(cluster.ddr_gib * gib),
+        intra_host_bw=scaled(cluster.intra_host_gbps, gbps),
+        inter_host_bw=scaled(cluster.inter_host_gbps, gbps),
+        hbm_mem_bw=scaled(cluster.hbm_mem_gbps, gbps),
+        ddr_mem_bw=scaled(cluster.ddr_mem_gbps, gbps),
+    )
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=cluster.world_size, local_world_size=cluster.local_world_size),
+        hardware_config=hardware,
+        kernel_config=KernelConfig(compute_device=cluster.device),
+    )
+
+
 def plan(
     model: nn.Module,
     cfg: ShardingConfig,
@@ -324,6 +392,10 @@ def _broadcast_json(pg: Optional[dist.ProcessGroup], read: Any) -> Any:
     return value
 
 
+def _ranks_text(ranks: list[int]) -> str:
+    return f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)" if len(ranks) > 8 else str(ranks)
+
+
 def check_plan(
     sharding_plan: ShardingPlan,
     tables: Mapping[str, TableMeta],
@@ -356,6 +428,12 @@ def check_plan(
             ranks = list(ps.ranks or [])
             if any(r < 0 or r >= topology.world_size for r in ranks):
                 problems.append(f"{table}: ranks {ranks} outside world size {topology.world_size}")
+            elif ps.sharding_type == ShardingType.ROW_WISE.value and sorted(ranks) != list(range(topology.world_size)):
+                # torchrec's row-wise sharding buckets ids over every rank of the world, one shard each.
+                problems.append(
+                    f"{table}: row_wise over ranks {_ranks_text(ranks)}; row-wise needs one shard on each of the"
+                    f" {topology.world_size} ranks"
+                )
             c = (constraints or {}).get(table)
             if c is not None and c.sharding_types and ps.sharding_type not in c.sharding_types:
                 problems.append(
