@@ -233,3 +233,30 @@ def test_duet_trains_on_converted_recflow_logs(tmp_path):
     ev = m["eval"]
     assert "cand_true_click" not in " ".join(ev) and "recall@2/cand_click@all" in ev and "uauc/cand_exposed" in ev
     assert ev["requests/cand_click@all"] == ev["requests/cand_exposed"] > 0
+
+
+@pytest.mark.parametrize("entry", ["dare", "duet"])
+def test_two_nodes_under_torchx_match_one_node_of_two_processes(entry, tiny_data, request_data, tmp_path):
+    """``-j 2x1`` (TorchX, two single-process "nodes" on this host, c10d rendezvous) ends with exactly the
+    metrics of ``--nproc_per_node 2`` on one node, same seed: DARE (its attention and representation tables
+    sharded apart) and DUET's co-training (two sub-models' tables in one plan)."""
+    if entry == "duet":
+        data = [f"data.train_paths=[{request_data}/train/*.parquet]", f"data.eval_paths=[{request_data}/valid/*.parquet]",
+                "data.test_paths=[]"]
+    else:
+        data = _data_overrides(tiny_data)
+    common = [*data, "train.max_steps=8", "train.checkpoint_every=0", "train.seed=3"]
+    one = _torchrun(f"configs/tests/{entry}_tiny.yaml", tmp_path / "1x2", common)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "2x1"
+    cmd = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "launch/components.py:train",
+           "-j", "2x1", "--rdzv_port", str(_free_port()), "--config", f"configs/tests/{entry}_tiny.yaml",
+           f"run_dir={run_dir}", *common]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    two = json.loads((run_dir / "metrics.json").read_text())
+    assert two["world_size"] == one["world_size"] == 2 and two["steps"] == one["steps"] == 8
+    for key in ("auc", "logloss", "final_train_loss"):
+        assert two[key] == one[key], (key, two[key], one[key])
+    assert json.loads((run_dir / "plan.json").read_text()) == json.loads((tmp_path / "1x2" / "plan.json").read_text())
