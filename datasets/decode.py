@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from datasets.config import DataConfig
 from datasets.rows import Plan, Rows, tail_plan
-from datasets.schema import DataError, IdPolicy, SchemaConfig
+from datasets.schema import DataError, IdMapping, IdPolicy, SchemaConfig, hash_ids
 
 __all__ = ["Where", "decode"]
 
@@ -172,6 +172,8 @@ def decode(
             arr = column(f.name)
             _check_nulls(arr, f.name, where)
             values, lengths, offsets = _numpy(arr, np.int64), ones, None
+        if f.mapping is IdMapping.hash:  # raw 64-bit ids: every id hashed into the table, none out of range
+            values = hash_ids(values, f.num_embeddings)
         values, bad = _fix_ids(values, lengths, offsets, f.num_embeddings, cfg.id_policy, f.name, where)
         if f.sequence:
             index, lengths = tails[group_of[f.name]]

@@ -49,6 +49,40 @@ class IdPolicy(enum.Enum):
     clip = "clip"  # id -> clamp(id, 0, num_embeddings - 1); counted
 
 
+class IdMapping(enum.Enum):
+    """How the reader maps a feature's stored ids to table rows (``IdFeature.mapping``)."""
+
+    identity = "identity"  # ids are rows already (converters remap to [1, n)); out-of-range ids per id_policy
+    hash = "hash"  # raw 64-bit ids: row = splitmix64(id) mod num_embeddings, every id (production ids)
+
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def hash_ids(ids, num_embeddings: int):
+    """Rows of raw 64-bit ids in a table of ``num_embeddings`` rows: ``splitmix64(id) mod num_embeddings``.
+
+    splitmix64 (Steele et al. 2014's finaliser) mixes every bit of the id into every bit of the hash, so ids
+    with structure (sequential, multiples of the table size, high bits only) spread uniformly over the rows,
+    which a plain ``id mod n`` does not do. Deterministic, vectorised (numpy uint64 arithmetic wraps), any
+    int64 including negatives.
+
+    Args:
+        ids: int64 numpy array.
+        num_embeddings: rows of the table (> 0).
+
+    Returns:
+        int64 numpy array of rows in ``[0, num_embeddings)``.
+    """
+    import numpy as np
+
+    x = ids.astype(np.int64).view(np.uint64) + np.uint64(_GOLDEN)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
+    x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(num_embeddings)).astype(np.int64)
+
+
 def table_name(table: str, role: Optional[str] = None) -> str:
     """The one name of an embedding table: ``t_<table>``, or ``t_<table>__<role>`` for a table with a role.
 
@@ -101,6 +135,10 @@ class IdFeature:
         sequence: True for a ``list<int64>`` column (one id per element), False for an ``int64`` column.
         table: embedding table shared by several features, without the ``t_`` prefix (default: ``name``).
         group: sequence group (sequence features only): columns of one group have equal lengths per row.
+        mapping: ``identity`` (stored ids are rows: ids outside ``[0, num_embeddings)`` follow
+            ``data.id_policy``) or ``hash`` (stored ids are raw 64-bit ids, e.g. video or user ids of a
+            production log: every id is mapped to ``splitmix64(id) mod num_embeddings`` by the reader, see
+            :func:`hash_ids`; features sharing a table must agree).
     """
 
     name: str = "???"
@@ -108,6 +146,7 @@ class IdFeature:
     sequence: bool = False
     table: Optional[str] = None
     group: str = "history"
+    mapping: IdMapping = IdMapping.identity
 
     @property
     def table_name(self) -> str:
@@ -236,6 +275,14 @@ class SchemaConfig:
         for f in [*self.id_features, *self.float_features, *self.sequence_labels]:
             if f.sequence and not f.group:
                 raise ValueError(f"sequence column {f.name}: group must be a non-empty name")
+        mappings: dict[str, tuple[IdMapping, str]] = {}
+        for f in self.id_features:
+            other = mappings.setdefault(f.table_name, (f.mapping, f.name))
+            if other[0] != f.mapping:
+                raise ValueError(
+                    f"features sharing table {f.table_name} disagree on mapping: {other[1]} {other[0].value},"
+                    f" {f.name} {f.mapping.value} (an id must land on the same row from either)"
+                )
         self.table_sizes()
 
 

@@ -420,3 +420,36 @@ def test_ids_validated_in_every_unit_before_batching(write_parquet: Callable[...
     assert tags(next(stream)) == [0, 1, 2, 3]
     with pytest.raises(DataError, match="id 99"):
         next(stream)
+
+
+def test_hashed_features_map_raw_64_bit_ids_into_their_table(write_parquet: Callable[..., str]) -> None:
+    """``mapping: hash`` on the item table: every raw id (any int64) lands on splitmix64(id) mod rows, the
+    same row from the target and the history; the other features keep the range check."""
+    import numpy as np
+
+    from datasets.schema import IdMapping, hash_ids
+
+    schema = small_schema()
+    for f in schema.id_features:
+        if f.table == "item":
+            f.mapping = IdMapping.hash
+    raw = [2**62 + 7, -5, 123456789012345]
+    t = with_column(small_table(3), "item_id", raw, pa.int64())
+    t = with_history(t, [[2**62 + 7, 0], [2**40], []])
+    (b,) = list(eval_loader(make_cfg([write_parquet(t)], schema=schema, batch_size=3, shuffle=False), 0, 1))
+    items = b.sparse_features["item_id"].values().tolist()
+    assert items == hash_ids(np.array(raw, dtype=np.int64), 20).tolist() and all(0 <= i < 20 for i in items)
+    hist = b.sparse_features["hist_item_id"].values().tolist()
+    assert hist[0] == items[0]  # the same raw id, the same row, from either feature
+    assert b.id_fixes.tolist() == [0, 0, 0]  # hashing is the mapping, not a fix
+    # Structured ids spread: a plain modulo would put every multiple of 20 on row 0.
+    rows = hash_ids(np.arange(0, 20 * 2000, 20, dtype=np.int64), 20)
+    assert np.bincount(rows, minlength=20).min() > 50
+    # The user feature (identity) still refuses out-of-range ids.
+    bad = with_column(small_table(3), "user_id", [1, 2, 10**12], pa.int64())
+    with pytest.raises(DataError, match="user_id"):
+        list(eval_loader(make_cfg([write_parquet(bad, "bad.parquet")], schema=schema, shuffle=False), 0, 1))
+    # Features sharing a table must agree on the mapping.
+    schema.id_features[1].mapping = IdMapping.identity
+    with pytest.raises(ValueError, match="disagree on mapping"):
+        schema.validate()
