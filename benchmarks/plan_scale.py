@@ -3,7 +3,8 @@
 
 ``launch.plan_cluster.plan_cluster`` on ``configs/experiments/dare_synthetic_long.yaml`` with
 ``model.attn_dim=32 model.repr_dim=128``, the item table at 10^9 rows (``--table-rows item_id=1e9``), for a
-cluster of 8 GPUs per host with 80 GiB HBM and 512 GiB DDR per rank; one process, meta tensors (nothing is
+cluster of 8 GPUs per host with 80 GiB HBM and 512 GiB DDR per rank, fused Adam on the tables
+(``optim.sparse=adam``: its two moments counted in each shard's storage); one process, meta tensors (nothing is
 allocated). Prints, per world size, the planning time, the sharding chosen for the two item tables, the
 planner's HBM per rank (max) and its cost estimate of the bottleneck rank.
 
@@ -35,7 +36,7 @@ def main() -> None:
     print("| world size | planning s | t_item_id__attn | t_item_id__repr | max HBM per rank GiB | bottleneck rank | its cost ms |")
     print("|---|---|---|---|---|---|---|")
     for world in args.world_sizes:
-        overrides = ["model.attn_dim=32", "model.repr_dim=128", f"sharding.cluster.world_size={world}",
+        overrides = ["model.attn_dim=32", "model.repr_dim=128", "optim.sparse=adam", f"sharding.cluster.world_size={world}",
                      "sharding.cluster.local_world_size=8", "sharding.cluster.device=cuda",
                      f"sharding.cluster.hbm_gib={args.hbm_gib}", "sharding.cluster.ddr_gib=512"]
         r = plan_cluster(CONFIG, overrides, [f"item_id={args.rows}"])

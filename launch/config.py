@@ -221,9 +221,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Experi
     return cfg, spec, merged
 
 
-def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
+def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec, plan_device: Optional[str] = None) -> None:
     """Checks what needs the model before any process group exists: it builds on the meta device, and the
     sharding constraints and sequence caps name its tables and the data's sequence groups.
+
+    Args:
+        plan_device: check the fused optimizers for this device instead of ``train.device`` and do not ask for
+            one on this host (dry-run planning for another cluster, ``launch.plan_cluster``).
 
     Raises:
         ConfigError: naming the section and what was expected.
@@ -244,12 +248,12 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec) -> None:
     except ValueError as e:
         raise ConfigError(f"sharding: {e}") from None
     try:
-        check_support(cfg.optim, tables, cfg.train.device.value)
+        check_support(cfg.optim, tables, plan_device or cfg.train.device.value)
         table_params = {id(p) for p in table_parameters(train_module).values()}
         dense_groups([n for n, p in train_module.named_parameters() if id(p) not in table_params], cfg.optim)
     except ValueError as e:
         raise ConfigError(f"optim: {e}") from None
-    if cfg.train.device == Device.cuda and not torch.cuda.is_available():
+    if plan_device is None and cfg.train.device == Device.cuda and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda but torch sees no CUDA device on this host; use train.device=cpu")
     if cfg.eval.best_mode not in ("auto", "max", "min"):
         raise ConfigError(f"eval.best_mode must be auto, max or min, got {cfg.eval.best_mode!r}")

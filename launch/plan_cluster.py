@@ -15,7 +15,10 @@ bottleneck rank (the largest estimate); and writes all of it as JSON (``--out``,
 ``<run_dir>/cluster_plan.json``): ``plan`` (the ``plan.json`` format: ``sharding.plan_path`` of a run on that
 cluster can load it), ``ranks``, ``bottleneck_rank``, ``cluster``, ``planning_s``.
 
-``--table-rows TABLE=ROWS`` sets the rows of a table (every feature of it) without data: plan production-size
+The planner counts the fused sparse optimizer's state (``optim``) in each shard's storage, as training's does;
+``optim.sparse=replicated_adam`` makes no plan in training and is refused here.
+
+``--table-rows TABLE=ROWS`` (repeatable) sets the rows of a table (every feature of it) without data: plan production-size
 tables from a small experiment's config. With ``sharding.plan_path`` the pinned plan is checked against the
 model, the cluster and the constraints instead (exit 2 with the reason when it does not fit).
 
@@ -38,7 +41,8 @@ from torchrec.distributed.planner.types import PlannerError
 
 from launch.config import ConfigError, load_config, validate_experiment
 from launch.plan_files import plan_table, plan_to_json
-from launch.planning import check_plan, cluster_topology, merge_constraints, plan_from_json
+from launch.optim import apply_sparse_optimizers, replicated
+from launch.planning import _check_supported, check_plan, cluster_topology, merge_constraints, plan_from_json
 from launch.sharders import build_sharders, embedding_tables
 
 
@@ -91,12 +95,25 @@ def plan_cluster(config: Path, overrides: Sequence[str], table_rows: Sequence[st
     """
     cfg, spec, _ = load_config(config, list(overrides))
     cfg.data.schema = _set_rows(cfg.data.schema, table_rows)
-    validate_experiment(cfg, spec)
     cluster = cfg.sharding.cluster
+    try:
+        cluster.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # Checked for the cluster's device (the fused optimizers differ: adam exists on cuda only), not this machine's.
+    validate_experiment(cfg, spec, plan_device=cluster.device)
     topology = cluster_topology(cluster)
     model = spec.build_train_module(spec.build(cfg.model, cfg.data.schema, torch.device("meta")), cfg.model)
+    # As training does: the fused sparse optimizers first, so that the planner counts their state per shard.
+    settings = apply_sparse_optimizers(model, cfg.optim)
+    if replicated(cfg.optim, settings):
+        raise ConfigError(
+            "optim.sparse=replicated_adam replicates every table on every rank (training makes no sharding plan);"
+            " plan with a fused sparse optimizer instead, e.g. optim.sparse=adam (cuda) or rowwise_adagrad"
+        )
     tables = embedding_tables(model)
     constraints = merge_constraints(spec.default_constraints(cfg.model, cfg.data.schema), cfg.sharding, tables)
+    _check_supported(constraints, tables, build_sharders(), topology.compute_device)
     options: Optional[list[Any]] = None
     start = time.perf_counter()
     if cfg.sharding.plan_path is not None:
@@ -159,7 +176,8 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.plan_cluster", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, required=True)
-    parser.add_argument("--table-rows", nargs="*", default=[], metavar="TABLE=ROWS")
+    parser.add_argument("--table-rows", action="append", default=[], metavar="TABLE=ROWS",
+                        help="rows of a table (repeat the option for several tables)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (default <run_dir>/cluster_plan.json)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
     args = parser.parse_args(argv)

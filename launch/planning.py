@@ -70,7 +70,8 @@ class ClusterConfig:
         device: ``cuda`` or ``cpu``: the compute device the planner costs kernels for.
         hbm_gib: accelerator memory per rank the planner may use, GiB (None = torchrec's default).
         ddr_gib: host memory per rank the planner may use, GiB (None = torchrec's default).
-        intra_host_gbps: bandwidth between ranks of one host, GB/s (None = torchrec's default).
+        intra_host_gbps: bandwidth between ranks of one host, GB/s with torchrec's GB of 2^30 bytes (None =
+            torchrec's default; the same unit for the other bandwidths).
         inter_host_gbps: bandwidth between hosts, GB/s (None = torchrec's default).
         hbm_mem_gbps: HBM memory bandwidth, GB/s (None = torchrec's default).
         ddr_mem_gbps: host memory bandwidth, GB/s (None = torchrec's default).
@@ -310,7 +311,8 @@ def build_topology(
 def cluster_topology(cluster: ClusterConfig) -> Topology:
     """The planner's view of a target cluster (:class:`ClusterConfig`): ranks, hosts, memory and bandwidths."""
     cluster.validate()
-    gib, gbps = 1024**3, 1e9 / 1e3  # bytes; GB/s -> bytes/ms (torchrec's bandwidth unit)
+    gib = 1024**3
+    gbps = gib / 1e3  # GB/s -> bytes/ms, torchrec's unit (its constants count a GB as 2^30 bytes, e.g. 600 * 1024**3 / 1000)
 
     def scaled(v: Optional[float], unit: float) -> Optional[float]:
         return None if v is None else v * unit
@@ -428,11 +430,11 @@ def check_plan(
             ranks = list(ps.ranks or [])
             if any(r < 0 or r >= topology.world_size for r in ranks):
                 problems.append(f"{table}: ranks {ranks} outside world size {topology.world_size}")
-            elif ps.sharding_type == ShardingType.ROW_WISE.value and sorted(ranks) != list(range(topology.world_size)):
-                # torchrec's row-wise sharding buckets ids over every rank of the world, one shard each.
+            elif ps.sharding_type == ShardingType.ROW_WISE.value and ranks != list(range(topology.world_size)):
+                # torchrec's row-wise sharding buckets ids over every rank of the world, shard r on rank r.
                 problems.append(
-                    f"{table}: row_wise over ranks {_ranks_text(ranks)}; row-wise needs one shard on each of the"
-                    f" {topology.world_size} ranks"
+                    f"{table}: row_wise over ranks {_ranks_text(ranks)}; row-wise needs shard r on rank r for each"
+                    f" of the {topology.world_size} ranks, in order"
                 )
             c = (constraints or {}).get(table)
             if c is not None and c.sharding_types and ps.sharding_type not in c.sharding_types:

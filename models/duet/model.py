@@ -56,7 +56,7 @@ class Training(str, enum.Enum):
     :mod:`models.duet.train`."""
 
     exposed = "exposed"  # BCE on exposed candidates only (the pointwise baseline; DUET "w/o co")
-    ips = "ips"  # exposed candidates weighted by 1 / logged propensity (self-normalised)
+    ips = "ips"  # exposed candidates weighted by 1 / logged propensity, over all candidates (Multi-IPS)
     dr_jl = "dr_jl"  # doubly robust joint learning: an imputed error for every candidate, IPS-corrected
     ukd = "ukd"  # single-model pseudo labels: teacher A (exposed only) labels the unexposed for student B
     cotrain = "cotrain"  # DUET: models A and B label each other's unexposed candidates, + KL consistency
@@ -128,6 +128,9 @@ def check_preranking_schema(cfg: PreRankerConfig, schema: SchemaConfig) -> None:
             f"{cfg.name}: candidate_features {cfg.candidate_features} and history_features {cfg.history_features}"
             " must be non-empty and aligned one to one"
         )
+    if not cfg.user_features:
+        raise ValueError(f"{cfg.name}: user_features must name at least one scalar id feature (F_u; the first is"
+                         " the user of the per-user AUC)")
     for name in cfg.user_features:
         if schema.id_feature(name).sequence:
             raise ValueError(f"{cfg.name}: user feature {name} must be a scalar id feature")

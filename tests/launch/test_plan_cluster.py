@@ -12,7 +12,7 @@ from launch.plan_cluster import main, plan_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/tests/dare_tiny.yaml"
-CLUSTER = ["sharding.cluster.world_size=4", "sharding.cluster.local_world_size=2", "sharding.cluster.device=cuda",
+CLUSTER = ["optim.sparse=adam", "sharding.cluster.world_size=4", "sharding.cluster.local_world_size=2", "sharding.cluster.device=cuda",
            "sharding.cluster.hbm_gib=80", "sharding.cluster.ddr_gib=512"]
 BILLION = ["item_id=1e9"]
 
@@ -34,9 +34,9 @@ def test_billion_row_tables_are_planned_for_the_cluster_without_allocation(repor
             assert sum(s["shard_sizes"][0] for s in ps["shards"]) == report["tables"][name]["rows"]
     ranks = report["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3]
-    # The planner's storage: at least the weights of the two 1e9-row item tables (fp32), spread over ranks.
+    # The planner's storage: the weights of the two 1e9-row item tables (fp32) and fused Adam's two moments.
     dims = report["tables"]["t_item_id__attn"]["dim"] + report["tables"]["t_item_id__repr"]["dim"]
-    assert sum(r["hbm_bytes"] + r["ddr_bytes"] for r in ranks) >= 10**9 * dims * 4
+    assert sum(r["hbm_bytes"] + r["ddr_bytes"] for r in ranks) >= 3 * 10**9 * dims * 4
     assert all(r["hbm_bytes"] <= 80 * 1024**3 for r in ranks)
     assert report["bottleneck_rank"] == max(ranks, key=lambda r: r["cost_ms"])["rank"]
     assert all(r["cost_ms"] > 0 and r["shards"] > 0 for r in ranks)
@@ -65,5 +65,9 @@ def test_a_cluster_too_small_and_bad_arguments_are_config_errors(tmp_path, capsy
     assert "no table 'nope'" in capsys.readouterr().err
     assert main(["--config", str(CONFIG), "--out", str(out), *CLUSTER, "sharding.cluster.local_world_size=3"]) == 2
     assert "multiple of local_world_size" in capsys.readouterr().err
-    assert main(["--config", str(CONFIG), "--table-rows", "item_id=1e4", "--out", str(out), *CLUSTER]) == 0
+    # The README's form: overrides right after --table-rows (one value per --table-rows).
+    assert main(["--config", str(CONFIG), "--out", str(out), "--table-rows", "item_id=1e4", *CLUSTER]) == 0
     assert json.loads(out.read_text())["tables"]["t_item_id__attn"]["rows"] == 10**4
+    # Replicated tables make no plan in training: refused here too.
+    assert main(["--config", str(CONFIG), "--out", str(out), *CLUSTER, "optim.sparse=replicated_adam"]) == 2
+    assert "replicated_adam" in capsys.readouterr().err

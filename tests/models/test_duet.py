@@ -189,5 +189,7 @@ def test_bad_configs_are_rejected():
         _setup("three_tower", cross_features=[])
     with pytest.raises(ValueError, match="serve"):
         _setup("duet", serve="c")
+    with pytest.raises(ValueError, match="user_features"):
+        _setup("duet", user_features=[])
     with pytest.raises(ValueError, match="sequence label"):
         _setup("duet", exposure="cand_seen")
