@@ -30,7 +30,13 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import EmbeddingModuleShardingPlan, ModuleSharder, ShardingPlan, ShardingType
+from torchrec.distributed.types import (
+    CacheParams,
+    EmbeddingModuleShardingPlan,
+    ModuleSharder,
+    ShardingPlan,
+    ShardingType,
+)
 
 from launch.plan_files import plan_from_json, shard_metadata
 from launch.sharders import COMPUTE_KERNELS, SHARDING_TYPES, TableMeta, check_names, embedding_tables, sharder_for
@@ -52,11 +58,17 @@ class TableShardingConfig:
         compute_kernels: allowed compute kernels (values of ``EmbeddingComputeKernel``, e.g. ``fused``).
         min_partition: column-wise shard width: the planner splits ``dim`` into shards this wide
             (torchrec's ``ParameterConstraints.min_partition``; None = torchrec's default of 128 columns).
+        cache_load_factor: with a UVM caching kernel (``fused_uvm_caching``, GPU clusters), the share of the
+            table's rows the HBM cache holds (torchrec's ``CacheParams.load_factor``; None = torchrec's 0.2).
+        pooling_factors: expected ids per row and feature of the table (the planner's cost model; None =
+            torchrec's 1.0); long behaviour sequences look up hundreds per row.
     """
 
     sharding_types: list[str] = field(default_factory=list)
     compute_kernels: list[str] = field(default_factory=list)
     min_partition: Optional[int] = None
+    cache_load_factor: Optional[float] = None
+    pooling_factors: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +154,10 @@ class ShardingConfig:
             check_names(f"sharding.tables.{key}.compute_kernels", t.compute_kernels, COMPUTE_KERNELS, "compute kernel")
             if t.min_partition is not None and t.min_partition <= 0:
                 raise ValueError(f"sharding.tables.{key}.min_partition must be > 0, got {t.min_partition}")
+            if t.cache_load_factor is not None and not 0 < t.cache_load_factor <= 1:
+                raise ValueError(f"sharding.tables.{key}.cache_load_factor must be in (0, 1], got {t.cache_load_factor}")
+            if any(p <= 0 for p in t.pooling_factors):
+                raise ValueError(f"sharding.tables.{key}.pooling_factors must be > 0, got {list(t.pooling_factors)}")
         for name in ("batch_size", "hbm_cap", "ddr_cap"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -240,11 +256,18 @@ def merge_constraints(
             else []
         )
         min_partition = entry.min_partition if entry is not None else None
-        if sharding_types or compute_kernels or min_partition is not None:
+        load_factor = entry.cache_load_factor if entry is not None else None
+        pooling = list(entry.pooling_factors) if entry is not None and entry.pooling_factors else None
+        if sharding_types or compute_kernels or min_partition is not None or load_factor is not None or pooling:
+            kw: dict[str, Any] = {}
+            if pooling:
+                kw["pooling_factors"] = pooling
             out[table] = ParameterConstraints(
                 sharding_types=sharding_types or None,
                 compute_kernels=compute_kernels or None,
                 min_partition=min_partition,
+                cache_params=CacheParams(load_factor=load_factor) if load_factor is not None else None,
+                **kw,
             )
     return out
 

@@ -71,3 +71,18 @@ def test_a_cluster_too_small_and_bad_arguments_are_config_errors(tmp_path, capsy
     # Replicated tables make no plan in training: refused here too.
     assert main(["--config", str(CONFIG), "--out", str(out), *CLUSTER, "optim.sparse=replicated_adam"]) == 2
     assert "replicated_adam" in capsys.readouterr().err
+
+
+def test_uvm_caching_with_a_load_factor_from_config_moves_rows_out_of_hbm():
+    """Per-table kernel and cache load factor (GPU clusters): the representation table on UVM caching with 10%
+    of its rows in HBM takes about a tenth of the HBM it takes fully resident, the rest in DDR."""
+    fused = plan_cluster(CONFIG, CLUSTER + ["sharding.tables.t_item_id__repr.compute_kernels=[fused]"], BILLION)
+    cached = plan_cluster(CONFIG, CLUSTER + ["sharding.tables.t_item_id__repr.compute_kernels=[fused_uvm_caching]",
+                                             "sharding.tables.t_item_id__repr.cache_load_factor=0.1"], BILLION)
+    placed = {n: ps for t in cached["plan"].values() for n, ps in t.items()}
+    assert placed["t_item_id__repr"]["compute_kernel"] == "fused_uvm_caching"
+    hbm = lambda r: sum(x["hbm_bytes"] for x in r["ranks"])  # noqa: E731
+    ddr = lambda r: sum(x["ddr_bytes"] for x in r["ranks"])  # noqa: E731
+    assert hbm(cached) < 0.5 * hbm(fused) and ddr(cached) > ddr(fused)
+    with pytest.raises(Exception, match="cache_load_factor"):
+        plan_cluster(CONFIG, CLUSTER + ["sharding.tables.t_item_id__repr.cache_load_factor=1.5"], BILLION)
