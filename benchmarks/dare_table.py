@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rows", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="override train.max_steps (default: the configs' 700)")
+    parser.add_argument("--report-only", action="store_true", help="print the table of the runs already finished")
     parser.add_argument("--world", choices=["synthetic_long", "taobao_sample"], default="synthetic_long")
     parser.add_argument("--data", type=Path, default=None, help="default: data/<world>")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/dare_table (runs/dare_table_taobao_sample)")
@@ -104,6 +105,9 @@ def main() -> None:
         for row in args.rows:
             config, extra = VARIANTS[row]
             for seed in args.seeds:
+                name = f"{SLUG[row]}_d{dim}_seed{seed}"  # the run folder of either world
+                if args.report_only and not (args.out / name / "metrics.json").is_file():
+                    continue
                 if sample:
                     m = taobao_sample_run(row, dim, seed, args.data, args.out)
                 else:
@@ -119,6 +123,9 @@ def main() -> None:
         print(f"DARE Table 1 on synthetic_long ({len(args.seeds)} seeds {args.seeds}, {steps} steps of 2 x 128, 2 ranks; "
               "AUC: validation, best of 4 evaluations; GSU NDCG@100 vs hist_relevance: last evaluation)")
     for dim, rows in results.items():
+        done = {len(v) for v in rows.values()}
+        if done != {len(args.seeds)}:
+            print(f"\n(dim {dim}: seeds finished per row: { {k: len(v) for k, v in rows.items()} })")
         ref = statistics.mean(best_auc(r) for r in rows["DARE"]) if "DARE" in rows else None
         print(f"\nembedding dim {dim}")
         print("| model | AUC mean (sd) | AUC per seed | vs DARE | GSU NDCG@100 | samples/s |")
