@@ -28,6 +28,7 @@ def train(
     image: str = "ghcr.io/pytorch/torchx:0.7.0",
     rdzv_port: int = 29500,
     max_retries: int = 0,
+    max_restarts: int = 0,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
 ) -> specs.AppDef:
@@ -42,14 +43,18 @@ def train(
         memMB: memory per replica in MB.
         image: container image (Kubernetes / Docker schedulers; ignored by local_cwd).
         rdzv_port: rendezvous port on the first node.
-        max_retries: replica retries on failure (resuming from the latest checkpoint).
+        max_retries: replica retries on failure by the scheduler (Slurm, Kubernetes; the local schedulers do not
+            retry), each resuming from the latest checkpoint.
+        max_restarts: restarts of the worker group by torchrun's elastic agent when a worker dies (a kill -9, an
+            OOM, a lost node's rendezvous): every worker restarts and resumes from the latest checkpoint; works on
+            every scheduler, local ones included.
         env: extra environment variables.
         mounts: volume mounts (Kubernetes / Docker), e.g. a shared checkpoint directory.
 
     Returns:
         The TorchX AppDef.
     """
-    return dist.ddp(
+    app = dist.ddp(
         "--config",
         config,
         *overrides,
@@ -65,3 +70,11 @@ def train(
         env={"OMP_NUM_THREADS": "1", **(env or {})},
         mounts=mounts,
     )
+    if max_restarts:
+        # dist.ddp's role runs `bash -c "torchrun ..."`; torchrun's own flag restarts the worker group.
+        role = app.roles[0]
+        cmd = role.args[-1]
+        if not cmd.startswith("torchrun "):
+            raise ValueError(f"unexpected torchx ddp command {cmd[:60]!r}: cannot add --max_restarts")
+        role.args[-1] = cmd.replace("torchrun ", f"torchrun --max_restarts {int(max_restarts)} ", 1)
+    return app
