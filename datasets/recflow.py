@@ -106,6 +106,7 @@ import pyarrow.parquet as pq
 
 from datasets.convert_io import run_converter, staged_output
 from datasets.schema import DataError, FloatFeature, IdFeature, SchemaConfig
+from datasets.taobao_samples import _SplitWriter
 
 __all__ = ["RecFlowParams", "STAGE_PRIORITY", "convert", "main", "recflow_arrow_schema", "recflow_schema"]
 
@@ -437,57 +438,24 @@ def _cross(req_of_hist: np.ndarray, hist_cat: np.ndarray, req_of_cand: np.ndarra
 # ------------------------------------------------------------------------------------------------ writing
 
 
-class _RequestWriter:
-    """Buffers request tables and writes row groups of ``row_group_size`` rows into rotating files."""
+class _RequestWriter(_SplitWriter):
+    """The converters' split writer (row groups into rotating files) for request tables, counting candidates,
+    exposures, clicks and history behaviours, and the days written."""
 
     def __init__(self, out: Path, row_group_size: int, rows_per_file: int) -> None:
-        out.mkdir(parents=True)
-        self.out, self.row_group_size, self.rows_per_file = out, row_group_size, rows_per_file
-        self.schema = recflow_arrow_schema()
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.writer: Optional[pq.ParquetWriter] = None
-        self.file_rows = 0
-        self.files = 0
+        super().__init__(out, row_group_size, rows_per_file, schema=recflow_arrow_schema())
         self.stats = {"rows": 0, "candidates": 0, "exposed": 0, "clicks": 0, "history_behaviours": 0}
         self.days: list[str] = []
 
-    def add(self, table: pa.Table) -> None:
+    def _count(self, table: pa.Table) -> None:
         s = self.stats
         s["rows"] += table.num_rows
         s["candidates"] += len(pc.list_flatten(table.column("cand_item_id")))
         s["exposed"] += int(pc.sum(pc.list_flatten(table.column("cand_exposed"))).as_py() or 0)
         s["clicks"] += int(pc.sum(pc.list_flatten(table.column("cand_click"))).as_py() or 0)
         s["history_behaviours"] += len(pc.list_flatten(table.column("hist_item_id")))
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        while self.pending_rows >= self._next_group_rows():
-            self._flush(self._next_group_rows())
 
-    def _next_group_rows(self) -> int:
-        return min(self.row_group_size, self.rows_per_file - self.file_rows)
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.pending)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.out / f"part-{self.files:05d}.parquet", self.schema)
-            self.files += 1
-        self.writer.write_table(table.slice(0, n), row_group_size=n)
-        self.file_rows += n
-        rest = table.slice(n)
-        self.pending, self.pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if self.file_rows >= self.rows_per_file:
-            self.writer.close()
-            self.writer, self.file_rows = None, 0
-
-    def close(self) -> dict:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-        if self.writer is not None:
-            self.writer.close()
-        if self.files == 0:  # an empty split still gets one (empty) file so readers see the schema
-            pq.write_table(self.schema.empty_table(), self.out / "part-00000.parquet")
-            self.files = 1
+    def _summary(self) -> dict:
         return {**self.stats, "files": self.files, "days": self.days}
 
 

@@ -28,12 +28,13 @@ if TYPE_CHECKING:
     from datasets.taobao_csv import _Block
 
 class _SplitWriter:
-    """Buffers canonical tables and writes row groups of ``row_group_size`` rows into rotating files."""
+    """Buffers tables (canonical ones unless ``schema`` is given) and writes row groups of ``row_group_size`` rows
+    into rotating files. Subclasses count other statistics by overriding ``_count`` and ``_summary``."""
 
-    def __init__(self, out: Path, row_group_size: int, rows_per_file: int) -> None:
+    def __init__(self, out: Path, row_group_size: int, rows_per_file: int, schema: Optional[pa.Schema] = None) -> None:
         out.mkdir(parents=True)
         self.out, self.row_group_size, self.rows_per_file = out, row_group_size, rows_per_file
-        self.schema = canonical_arrow_schema()
+        self.schema = schema if schema is not None else canonical_arrow_schema()
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.writer: Optional[pq.ParquetWriter] = None
@@ -42,11 +43,17 @@ class _SplitWriter:
         self.rows = 0
         self.positives = 0
 
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
+    def _count(self, table: pa.Table) -> None:
         self.rows += table.num_rows
         self.positives += int(pc.sum(table.column("label")).as_py() or 0)
+
+    def _summary(self) -> dict:
+        return {"rows": self.rows, "positives": self.positives, "files": self.files}
+
+    def add(self, table: pa.Table) -> None:
+        self._count(table)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
         while self.pending_rows >= self._next_group_rows():
             self._flush(self._next_group_rows())
 
@@ -74,7 +81,7 @@ class _SplitWriter:
         if self.files == 0:  # an empty split still gets one (empty) file so readers see the schema
             pq.write_table(self.schema.empty_table(), self.out / "part-00000.parquet")
             self.files = 1
-        return {"rows": self.rows, "positives": self.positives, "files": self.files}
+        return self._summary()
 
 
 class _NoNegatives(Exception):
