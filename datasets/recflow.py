@@ -79,6 +79,11 @@ Output: ``OUT/{train,valid,test}/part-*.parquet`` and ``OUT/meta.json`` (``table
 ``data.meta_path``, ``params``, ``counts``, ``splits``, ``dropped``); ``OUT`` is replaced atomically
 (:func:`datasets.convert_io.staged_output`).
 
+Modules: this one holds the parameters (:class:`RecFlowParams`), :func:`convert` (days to splits, counts,
+``meta.json``) and the CLI; :mod:`datasets.recflow_read` reads and validates the published layout (``id_cnt.pkl``,
+the day files, a day's all_stage rows, the histories); :mod:`datasets.recflow_write` turns a day into request rows
+and writes them (the output schema, the cap and the order of candidates, the cross feature, the split writer).
+
 CLI (exit 0; 1 the output cannot be written; 2 bad arguments or an ``--out`` that is not a previous output;
 3 bad input, one line on stderr; 130 Ctrl-C)::
 
@@ -91,49 +96,29 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import pickle
-import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.feather as feather
-import pyarrow.parquet as pq
 
 from datasets.convert_io import run_converter, staged_output
-from datasets.schema import DataError, FloatFeature, IdFeature, SchemaConfig
-from datasets.taobao_samples import _SplitWriter
+from datasets.recflow_read import STAGE_PRIORITY, _count_rows, _day_files, read_id_cnt
+from datasets.recflow_write import (
+    STAGE_NAMES,
+    _convert_day,
+    _RequestWriter,
+    _table_sizes,
+    recflow_arrow_schema,
+    recflow_schema,
+)
+from datasets.schema import DataError
 
 __all__ = ["RecFlowParams", "STAGE_PRIORITY", "convert", "main", "recflow_arrow_schema", "recflow_schema"]
 
 SPLITS = ["train", "valid", "test"]
 _OUTPUT_ENTRIES = {"meta.json": "file", **{s: "part-*.parquet" for s in SPLITS}}
-#: Stage flags of all_stage and their priority (DATA_SCHEMAS, the authors' learning-to-rank priority).
-STAGE_PRIORITY = {"realshow": 5, "rerank_pos": 4, "rank_pos": 4, "rerank_neg": 3, "rank_neg": 3, "coarse_neg": 2,
-                  "prerank_neg": 1}
-#: all_stage id column -> its id_cnt.pkl field.
-ID_FIELDS = {"user_id": "user_id", "device_id": "device_id", "age": "age", "gender": "gender",
-             "province": "province", "video_id": "photo_id", "author_id": "author_id",
-             "category_level_two": "category_level_two"}
-#: output user column -> all_stage column.
-USER_COLUMNS = {"user_id": "user_id", "user_age": "age", "user_gender": "gender", "user_province": "province",
-                "device_id": "device_id"}
-COLUMNS = ["request_id", *ID_FIELDS, *STAGE_PRIORITY, "effective_view"]
-#: Columns of a seq_effective_50_dict array.
-SEQ_COLUMNS = ["video_id", "author_id", "cate_two", "cate_one", "upload_type", "upload_timestamp", "duration",
-               "request_timestamp", "playing_time", "request_id"]
-SEQ_LEN = 50
-_SEQ_CHECKS = {0: "photo_id", 2: "category_level_two"}  # sequence column -> id_cnt field, for the columns kept
-#: Stage priority -> its name in meta["counts"]["rows_by_stage"].
-STAGE_NAMES = {5: "realshow (5)", 4: "rerank_pos or rank_pos (4)", 3: "rerank_neg or rank_neg (3)",
-               2: "coarse_neg (2)", 1: "prerank_neg (1)", 0: "no stage flag (0, dropped)"}
-CROSS_LEVELS = 8
-_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.feather$")
-_MAX_CHUNK_CANDIDATES = 1 << 26  # list<> offsets are int32
 
 
 def _day(text: str, what: str) -> dt.date:
@@ -181,391 +166,6 @@ class RecFlowParams:
                             f"{self.rows_per_file}")
         if problems:
             raise ValueError("invalid RecFlowParams: " + "; ".join(problems))
-
-
-def recflow_arrow_schema() -> pa.Schema:
-    """The arrow schema of the converter's parquet files (see the module docstring)."""
-    ints, floats = pa.list_(pa.int64()), pa.list_(pa.float32())
-    return pa.schema(
-        [pa.field(c, pa.int64(), nullable=False) for c in ["request_id", *USER_COLUMNS]]
-        + [pa.field(c, ints, nullable=False) for c in ["hist_item_id", "hist_category", "cand_item_id",
-                                                       "cand_category", "cand_author_id", "cand_cross"]]
-        + [pa.field(c, floats, nullable=False) for c in ["cand_stage", "cand_click", "cand_exposed"]]
-    )
-
-
-def _table_sizes(id_cnt: dict[str, int]) -> dict[str, int]:
-    n = {field: id_cnt[field] + 2 for field in ID_FIELDS.values()}
-    return {"t_user_id": n["user_id"], "t_user_age": n["age"], "t_user_gender": n["gender"],
-            "t_user_province": n["province"], "t_device_id": n["device_id"], "t_item_id": n["photo_id"],
-            "t_item_category": n["category_level_two"], "t_cand_author_id": n["author_id"],
-            "t_cand_cross": CROSS_LEVELS + 1}
-
-
-def recflow_schema(meta: dict) -> SchemaConfig:
-    """The :class:`SchemaConfig` of a conversion, from its ``meta.json`` dict (``table_sizes``); the same as
-    ``configs/datasets/recflow.yaml`` with that meta."""
-    t = meta["table_sizes"]
-    cand = {"sequence": True, "group": "candidates"}
-    schema = SchemaConfig(
-        id_features=[
-            IdFeature("user_id", t["t_user_id"]),
-            IdFeature("user_age", t["t_user_age"]),
-            IdFeature("user_gender", t["t_user_gender"]),
-            IdFeature("user_province", t["t_user_province"]),
-            IdFeature("device_id", t["t_device_id"]),
-            IdFeature("hist_item_id", t["t_item_id"], sequence=True, table="item_id"),
-            IdFeature("hist_category", t["t_item_category"], sequence=True, table="item_category"),
-            IdFeature("cand_item_id", t["t_item_id"], table="item_id", **cand),
-            IdFeature("cand_category", t["t_item_category"], table="item_category", **cand),
-            IdFeature("cand_author_id", t["t_cand_author_id"], **cand),
-            IdFeature("cand_cross", t["t_cand_cross"], **cand),
-        ],
-        float_features=[FloatFeature("cand_stage", **cand)],
-        labels=[],
-        sequence_labels=[FloatFeature("cand_click", **cand), FloatFeature("cand_exposed", **cand)],
-        group_column="request_id",
-    )
-    schema.validate()
-    return schema
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def _load_pickle(path: Path, what: str) -> object:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected {what}")
-    try:
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError, TypeError,
-            OSError) as e:
-        raise DataError(f"{path}: cannot read as a pickle ({type(e).__name__}: {e}); expected {what}") from None
-
-
-def read_id_cnt(path: Path) -> dict[str, int]:
-    """The cardinalities of ``others/id_cnt.pkl`` that the converter uses.
-
-    Raises:
-        DataError: unreadable file, not a dict, a field missing, a value that is not a positive integer.
-    """
-    what = "a pickled dict field -> cardinality"
-    d = _load_pickle(path, what)
-    if not isinstance(d, dict):
-        raise DataError(f"{path}: holds a {type(d).__name__}; expected {what}")
-    out = {}
-    for field in ID_FIELDS.values():
-        if field not in d:
-            raise DataError(f"{path}: no field {field!r}; expected {what} with {', '.join(ID_FIELDS.values())}")
-        v = d[field]
-        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not 0 < v < 2**62:
-            raise DataError(f"{path}: field {field!r}: value {v!r}; expected a positive integer cardinality")
-        out[field] = int(v)
-    return out
-
-
-def _day_files(root: Path) -> list[tuple[dt.date, Path]]:
-    folder = root / "all_stage"
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such folder; expected RecFlow's all_stage/YYYY-MM-DD.feather files")
-    days = []
-    for f in sorted(folder.iterdir()):
-        if f.suffix != ".feather":
-            continue
-        m = _DAY_FILE.match(f.name)
-        try:
-            days.append((dt.date.fromisoformat(m.group(1)), f))
-        except (AttributeError, ValueError):
-            raise DataError(f"{f}: not a day file; expected all_stage/YYYY-MM-DD.feather") from None
-    if not days:
-        raise DataError(f"{folder}: no .feather file; expected RecFlow's all_stage/YYYY-MM-DD.feather files")
-    return sorted(days)
-
-
-def _first_bad(path: Path, column: str, values: np.ndarray, bad: np.ndarray, expected: str) -> None:
-    """Raises DataError at the first true entry of ``bad`` (entry = row of the file)."""
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise DataError(f"{path}: row {i}, column {column!r}: value {values[i].item()!r}; expected {expected}")
-
-
-@dataclass
-class _Day:
-    """A day's all_stage rows, validated. Shapes: R rows."""
-
-    request_id: np.ndarray  # [R] int64
-    users: dict[str, np.ndarray]  # all_stage user column -> [R] int64 raw ids
-    video_id: np.ndarray  # [R] int64 raw
-    author_id: np.ndarray  # [R]
-    category: np.ndarray  # [R] category_level_two, raw
-    stage: np.ndarray  # [R] int8 priority, 0 = no flag
-    several_flags: int  # rows with more than one flag
-    realshow: np.ndarray  # [R] int8
-    effective_view: np.ndarray  # [R] int8
-
-
-def _read_day(path: Path, id_cnt: dict[str, int], max_raw: dict[str, int]) -> _Day:
-    """Reads and validates the columns the converter uses of one all_stage file."""
-    missing = [c for c in COLUMNS if c not in _feather_columns(path)]
-    if missing:
-        raise DataError(f"{path}: no column {missing[0]!r}; expected RecFlow's all_stage columns "
-                        f"({', '.join(COLUMNS)}, ...)")
-    cols: dict[str, np.ndarray] = {}
-    for c in COLUMNS:  # one column at a time: the peak is the arrays kept plus one int64 column
-        try:
-            a = feather.read_table(path, columns=[c], memory_map=False).column(0)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: cannot read as a feather file ({' '.join(str(e).split())})") from None
-        binary = c in STAGE_PRIORITY or c == "effective_view"
-        if not (pa.types.is_integer(a.type) or (binary and pa.types.is_boolean(a.type))):
-            raise DataError(f"{path}: column {c!r} has type {a.type}; expected integers")
-        if a.null_count:
-            row = int(np.argmax(a.is_null().to_numpy(zero_copy_only=False)))
-            raise DataError(f"{path}: row {row}, column {c!r}: value null; expected an integer")
-        v = a.combine_chunks().to_numpy(zero_copy_only=False) if a.num_chunks != 1 else a.chunk(0).to_numpy(
-            zero_copy_only=False)
-        if binary:
-            v = v.astype(np.int64, copy=False)
-            _first_bad(path, c, v, (v != 0) & (v != 1), "0 or 1")
-            v = v.astype(np.int8)
-        else:
-            v = v.astype(np.int64, copy=False)
-            if c in ID_FIELDS:
-                n = id_cnt[ID_FIELDS[c]]
-                _first_bad(path, c, v, (v < 0) | (v > n),
-                           f"an id in 0..{n} (others/id_cnt.pkl: {ID_FIELDS[c]} = {n})")
-                if len(v):
-                    max_raw[ID_FIELDS[c]] = max(max_raw.get(ID_FIELDS[c], -1), int(v.max()))
-        cols[c] = v
-    stage = np.zeros(len(cols["request_id"]), dtype=np.int8)
-    flags = np.zeros(len(stage), dtype=np.int8)
-    for name, priority in STAGE_PRIORITY.items():
-        f = cols.pop(name)
-        stage = np.maximum(stage, f * np.int8(priority))
-        flags += f
-        if name == "realshow":
-            realshow = f
-    return _Day(
-        request_id=cols["request_id"],
-        users={c: cols[c] for c in USER_COLUMNS.values()},
-        video_id=cols["video_id"],
-        author_id=cols["author_id"],
-        category=cols["category_level_two"],
-        stage=stage,
-        several_flags=int(np.count_nonzero(flags > 1)),
-        realshow=realshow,
-        effective_view=cols["effective_view"],
-    )
-
-
-def _feather_columns(path: Path) -> list[str]:
-    """Column names of a feather file (V1 or V2) without reading its data."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected a RecFlow all_stage day file")
-    try:
-        with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_file(source).schema.names
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from None
-    except pa.ArrowInvalid:  # Feather V1 (not RecFlow's V2) is no IPC file: read it whole
-        try:
-            return feather.read_table(path, memory_map=False).column_names
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: cannot read as a feather file ({' '.join(str(e).split())})") from None
-
-
-def _count_rows(path: Path) -> int:
-    try:
-        return feather.read_table(path, columns=["request_id"], memory_map=False).num_rows
-    except (pa.ArrowException, OSError, KeyError) as e:
-        raise DataError(f"{path}: cannot read as a feather file ({' '.join(str(e).split())})") from None
-
-
-def _histories(seq: object, path: Path, rids: np.ndarray, id_cnt: dict[str, int], max_raw: dict[str, int]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """The histories of ``rids`` from a seq_effective_50_dict pickle. Shapes: R requests, E behaviours.
-
-    Returns:
-        ``(lengths [R], video ids [E] raw, categories [E] raw, requests whose valid entries were not left of the
-        padding or not in time order)``; each history oldest first.
-    """
-    what = f"int64 arrays [{SEQ_LEN}, {len(SEQ_COLUMNS)}] (columns {', '.join(SEQ_COLUMNS)})"
-    arrays = []
-    for r in rids.tolist():
-        a = seq.get(r)
-        if a is None:
-            raise DataError(f"{path}: no entry for request_id {r} (a request of all_stage); expected a dict "
-                            f"request_id -> {what}")
-        if not isinstance(a, np.ndarray) or a.shape != (SEQ_LEN, len(SEQ_COLUMNS)) or a.dtype.kind not in "iu":
-            got = f"{a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-            raise DataError(f"{path}: request_id {r}: {got}; expected {what}")
-        arrays.append(a)
-    if not arrays:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), 0
-    a = np.stack(arrays).astype(np.int64, copy=False)  # [R, 50, 10]
-    ts = a[:, :, 7]
-    valid = ts > 0  # [R, 50]
-    for col, field in _SEQ_CHECKS.items():
-        n, v = id_cnt[field], a[:, :, col]
-        bad = valid & ((v < 0) | (v > n))
-        if bad.any():
-            i, j = np.unravel_index(int(np.argmax(bad)), bad.shape)
-            raise DataError(f"{path}: request_id {rids[i]}, row {j}, column {col} ({SEQ_COLUMNS[col]}): value "
-                            f"{v[i, j]}; expected an id in 0..{n} (others/id_cnt.pkl: {field} = {n})")
-        if valid.any():
-            max_raw[field] = max(max_raw.get(field, -1), int(v[valid].max()))
-    order = np.argsort(np.where(valid, ts, -1), axis=1, kind="stable")  # [R, 50]: padding, then oldest first
-    reordered = int(np.count_nonzero((order != np.arange(SEQ_LEN)).any(axis=1)))
-    keep = np.take_along_axis(valid, order, axis=1)
-    items = np.take_along_axis(a[:, :, 0], order, axis=1)[keep]
-    cats = np.take_along_axis(a[:, :, 2], order, axis=1)[keep]
-    return valid.sum(axis=1), items, cats, reordered
-
-
-def _cross(req_of_hist: np.ndarray, hist_cat: np.ndarray, req_of_cand: np.ndarray, cand_cat: np.ndarray,
-           num_categories: int) -> np.ndarray:
-    """``[C]`` 1 + min(7, floor(log2(1 + h))), h = behaviours of the candidate's request in its category."""
-    width = num_categories + 2
-    keys, counts = np.unique(req_of_hist * width + hist_cat, return_counts=True)
-    want = req_of_cand * width + cand_cat
-    at = np.minimum(np.searchsorted(keys, want), max(len(keys) - 1, 0))
-    h = np.where(keys[at] == want, counts[at], 0) if len(keys) else np.zeros(len(want), np.int64)
-    exponent = np.frexp((1 + h).astype(np.float64))[1] - 1  # floor(log2(1 + h)), exact
-    return 1 + np.minimum(CROSS_LEVELS - 1, exponent).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------------ writing
-
-
-class _RequestWriter(_SplitWriter):
-    """The converters' split writer (row groups into rotating files) for request tables, counting candidates,
-    exposures, clicks and history behaviours, and the days written."""
-
-    def __init__(self, out: Path, row_group_size: int, rows_per_file: int) -> None:
-        super().__init__(out, row_group_size, rows_per_file, schema=recflow_arrow_schema())
-        self.stats = {"rows": 0, "candidates": 0, "exposed": 0, "clicks": 0, "history_behaviours": 0}
-        self.days: list[str] = []
-
-    def _count(self, table: pa.Table) -> None:
-        s = self.stats
-        s["rows"] += table.num_rows
-        s["candidates"] += len(pc.list_flatten(table.column("cand_item_id")))
-        s["exposed"] += int(pc.sum(pc.list_flatten(table.column("cand_exposed"))).as_py() or 0)
-        s["clicks"] += int(pc.sum(pc.list_flatten(table.column("cand_click"))).as_py() or 0)
-        s["history_behaviours"] += len(pc.list_flatten(table.column("hist_item_id")))
-
-    def _summary(self) -> dict:
-        return {**self.stats, "files": self.files, "days": self.days}
-
-
-def _list(offsets: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.ListArray:
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values.astype(t.to_pandas_dtype())))
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _sort(keys: dict[str, np.ndarray], order: list[tuple[str, str]]) -> np.ndarray:
-    """Stable sort indices of the rows of ``keys`` (pyarrow, multi-threaded)."""
-    return pc.sort_indices(pa.table(keys), sort_keys=order).to_numpy()
-
-
-def _convert_day(path: Path, day: dt.date, seq_path: Path, id_cnt: dict[str, int], p: RecFlowParams,
-                 writer: _RequestWriter, counts: dict, dropped: dict, seen: list[tuple[Path, np.ndarray]]) -> None:
-    """Converts one day: all_stage rows -> request rows appended to ``writer``; updates counts and dropped."""
-    d = _read_day(path, id_cnt, counts["max_raw_id"])
-    n = len(d.request_id)
-    counts["all_stage_rows"] += n
-    counts["rows_per_day"][day.isoformat()] = n
-    counts["rows_with_several_stage_flags"] += d.several_flags
-    for priority, name in STAGE_NAMES.items():
-        counts["rows_by_stage"][name] += int(np.count_nonzero(d.stage == priority))
-    counts["effective_view_of_unexposed"] += int(np.count_nonzero((d.effective_view == 1) & (d.realshow == 0)))
-    rand = np.random.default_rng([p.seed, day.year * 10000 + day.month * 100 + day.day]).random(n)
-    # 1) by request, furthest stage first, ties at random: the cap keeps a prefix of every request
-    idx = _sort({"r": d.request_id, "s": d.stage, "k": rand},
-                [("r", "ascending"), ("s", "descending"), ("k", "ascending")])
-    rid = d.request_id[idx]
-    new = np.ones(n, dtype=bool)
-    new[1:] = rid[1:] != rid[:-1]
-    starts = np.flatnonzero(new)  # [Q] first sorted row of each request
-    group = np.cumsum(new) - 1  # [n] request index of each sorted row
-    for col in USER_COLUMNS.values():
-        v = d.users[col][idx]
-        bad = v != v[starts][group]
-        if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError(f"{path}: row {idx[i]}, column {col!r}: value {v[i]}; expected {v[starts[group[i]]]} "
-                            f"like the other rows of request_id {rid[i]} (one user per request)")
-    day_rids = rid[starts]
-    for earlier in seen:
-        dup = np.isin(day_rids, earlier[1])
-        if dup.any():
-            raise DataError(f"{path}: request_id {day_rids[np.argmax(dup)]} is also in {earlier[0]}; expected "
-                            f"every request in one day file")
-    seen.append((path, day_rids))
-    stage = d.stage[idx]
-    pos = np.arange(n) - starts[group]
-    flagged = stage > 0
-    keep = flagged & ((p.max_candidates == 0) | (pos < p.max_candidates))
-    dropped["rows with no stage flag"] += int(n - np.count_nonzero(flagged))
-    dropped[f"candidates beyond max_candidates={p.max_candidates} (lowest stages first)"] += int(
-        np.count_nonzero(flagged & ~keep))
-    # 2) the kept rows by request, in random order
-    kept = idx[keep]
-    del idx, rid, stage, pos, flagged, group
-    final = kept[_sort({"r": d.request_id[kept], "k": rand[kept]}, [("r", "ascending"), ("k", "ascending")])]
-    del kept, rand
-    rid = d.request_id[final]
-    new = np.ones(len(final), dtype=bool)
-    new[1:] = rid[1:] != rid[:-1]
-    starts = np.flatnonzero(new)
-    reqs = rid[starts]  # [Q'] requests with candidates, ascending
-    lengths = np.diff(np.append(starts, len(final)))
-    counts["requests_without_candidates"] += len(day_rids) - len(reqs)
-    first = final[starts]
-    users = {out_col: d.users[col][first] + 1 for out_col, col in USER_COLUMNS.items()}
-    exposed = d.realshow[final]
-    cand = {
-        "cand_item_id": d.video_id[final] + 1,
-        "cand_category": d.category[final] + 1,
-        "cand_author_id": d.author_id[final] + 1,
-        "cand_stage": d.stage[final].astype(np.float32),
-        "cand_click": (d.effective_view[final] * exposed).astype(np.float32),
-        "cand_exposed": exposed.astype(np.float32),
-    }
-    del d, final, rid
-    seq = _load_pickle(seq_path, f"a pickled dict request_id -> int64 array [{SEQ_LEN}, {len(SEQ_COLUMNS)}]")
-    if not isinstance(seq, dict):
-        raise DataError(f"{seq_path}: holds a {type(seq).__name__}; expected a dict request_id -> int64 array "
-                        f"[{SEQ_LEN}, {len(SEQ_COLUMNS)}]")
-    counts["sequences_unused"] += len(seq) - len(reqs)  # entries of no output row
-    cand_offsets = _offsets(lengths)
-    a = 0
-    while a < len(reqs):  # chunks of at most row_group_size requests and _MAX_CHUNK_CANDIDATES candidates
-        limit = np.searchsorted(cand_offsets, cand_offsets[a] + _MAX_CHUNK_CANDIDATES, side="right") - 1
-        b = int(min(a + p.row_group_size, len(reqs), max(limit, a + 1)))
-        h_len, h_item, h_cat, reordered = _histories(seq, seq_path, reqs[a:b], id_cnt, counts["max_raw_id"])
-        counts["histories_reordered"] += reordered
-        c0, c1 = int(cand_offsets[a]), int(cand_offsets[b])
-        c_len = lengths[a:b]
-        cross = _cross(np.repeat(np.arange(b - a), h_len), h_cat, np.repeat(np.arange(b - a), c_len),
-                       cand["cand_category"][c0:c1] - 1, id_cnt["category_level_two"])
-        h_off, c_off = _offsets(h_len), _offsets(c_len)
-        columns = [pa.array(reqs[a:b], pa.int64())] + [pa.array(users[c][a:b], pa.int64()) for c in USER_COLUMNS]
-        columns += [_list(h_off, h_item + 1, pa.int64()), _list(h_off, h_cat + 1, pa.int64())]
-        columns += [_list(c_off, cand[c][c0:c1], pa.int64()) for c in ["cand_item_id", "cand_category",
-                                                                         "cand_author_id"]]
-        columns += [_list(c_off, cross, pa.int64())]
-        columns += [_list(c_off, cand[c][c0:c1], pa.float32()) for c in ["cand_stage", "cand_click",
-                                                                           "cand_exposed"]]
-        writer.add(pa.Table.from_arrays(columns, schema=writer.schema))
-        a = b
-    writer.days.append(day.isoformat())
 
 
 def convert(root: str | Path, out_dir: str | Path, params: Optional[RecFlowParams] = None) -> dict:

@@ -98,6 +98,11 @@ statistics (exposure rate, true CTR, observed CTR among exposed, true CTR of exp
 candidates, the IPS estimate of the true CTR) and, on a pilot sample, how strong the set effects are (AUC of
 the true logit with and without the set terms over all candidates, against the true clicks).
 
+Modules: this one labels the drawn requests (true clicks, exposure, stages) and writes them (the schemas,
+:func:`generate`, the CLI); :mod:`datasets.synthetic_requests_world` holds the parameters and the world
+(:class:`RequestParams`, :class:`RequestWorld`), :mod:`datasets.synthetic_requests_clicks` the drawing of
+requests, the true click model's terms (:func:`set_features`), the logging policy and the calibration.
+
 CLI::
 
     python -m datasets.synthetic_requests --out DIR [--num-requests N] [--num-valid N] [--num-test N]
@@ -117,9 +122,9 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -127,6 +132,17 @@ import pyarrow.parquet as pq
 
 from datasets.convert_io import run_converter, staged_output
 from datasets.schema import FloatFeature, IdFeature, SchemaConfig
+from datasets.synthetic_requests_clicks import (
+    CROSS_LEVELS,
+    _SPLIT_SEED,
+    _calibrate,
+    _draw,
+    _offsets,
+    _propensity,
+    _sigmoid,
+    set_features,
+)
+from datasets.synthetic_requests_world import RequestParams, RequestWorld
 
 __all__ = [
     "RequestParams",
@@ -141,133 +157,8 @@ __all__ = [
 
 #: Split folders, in request-id order.
 SPLITS = ("train", "valid", "test")
-_SPLIT_SEED = {"train": 1, "valid": 2, "test": 3, "pilot": 4}
 #: What an output folder holds (anything else makes :func:`generate` refuse to replace it).
 _OUTPUT_ENTRIES = {"meta.json": "file", **{s: "part-*.parquet" for s in SPLITS}}
-#: cand_cross takes values 1..CROSS_LEVELS (table size CROSS_LEVELS + 1).
-CROSS_LEVELS = 8
-_PILOT_REQUESTS = 2000
-
-
-@dataclass
-class RequestParams:
-    """Size and planted structure of a synthetic request-level data set (see the module docstring).
-
-    Attributes:
-        num_requests: training requests.
-        num_valid: validation requests.
-        num_test: test requests.
-        num_users: user ids ``1..num_users``.
-        num_items: item ids ``1..num_items`` (>= num_categories * num_subclusters, >= max_candidates).
-        num_categories: category ids ``1..num_categories`` (>= num_clusters, >= 2).
-        num_clusters: clusters of related categories (None: ``max(1, num_categories // 5)``).
-        num_subclusters: sub-clusters per category; (category, sub-cluster) is a near-duplicate group.
-        num_segments: user segments ``1..num_segments``.
-        min_candidates: fewest candidates of a request (>= 2).
-        max_candidates: most candidates of a request.
-        max_history: longest history.
-        exposed_per_request: expected exposed candidates per request (None: 10% of the mean m).
-        files: parquet files per split (fewer if a split has fewer row groups).
-        row_group_size: requests per row group (the last of each file may be shorter).
-        seed: everything is a pure function of the parameters, this seed included.
-        zipf_exponent: item popularity ``∝ rank ** -zipf_exponent``.
-        quality_scale: std of the item quality in the true logit.
-        max_interests: a user has ``1..max_interests`` interest clusters (at most ``num_clusters``).
-        interest_rate: probability that a behaviour comes from the user's interests.
-        history_median: median history length before clipping (None: ``max_history / 3``).
-        history_sigma: log-sd of the lognormal history length.
-        retrieval_interest: probability that a candidate slot is an interest item.
-        retrieval_complement: mean share of complement slots (a request's share is ``U(0, 2x)``).
-        retrieval_duplicate: mean share of near-duplicate slots (a request's share is ``U(0, 2x)``).
-        related_weight: weight of the other categories of the candidate's cluster in the affinity.
-        affinity_weight: ``a``, weight of the affinity in the true logit.
-        complement_weight: ``b``, weight of ``f_comp`` (fraction of the other candidates) in the true logit.
-        duplicate_weight: ``c``, weight of ``f_dup`` (subtracted) in the true logit.
-        target_true_ctr: mean true click probability over all candidates (calibrates ``bias``).
-        popularity_weight: weight of standardised log-popularity in the logging policy's logit.
-        policy_affinity_weight: weight of the affinity in the logging policy's logit.
-        policy_noise: std of the policy logit's per-candidate noise.
-        p_min: smallest propensity.
-    """
-
-    num_requests: int = 20_000
-    num_valid: int = 3_000
-    num_test: int = 3_000
-    num_users: int = 5_000
-    num_items: int = 20_000
-    num_categories: int = 200
-    num_clusters: Optional[int] = None
-    num_subclusters: int = 4
-    num_segments: int = 8
-    min_candidates: int = 200
-    max_candidates: int = 200
-    max_history: int = 100
-    exposed_per_request: Optional[float] = None
-    files: int = 4
-    row_group_size: int = 1000
-    seed: int = 0
-    zipf_exponent: float = 1.1
-    quality_scale: float = 0.5
-    max_interests: int = 3
-    interest_rate: float = 0.8
-    history_median: Optional[float] = None
-    history_sigma: float = 0.8
-    retrieval_interest: float = 0.4
-    retrieval_complement: float = 0.1
-    retrieval_duplicate: float = 0.1
-    related_weight: float = 0.3
-    affinity_weight: float = 5.0
-    complement_weight: float = 40.0
-    duplicate_weight: float = 80.0
-    target_true_ctr: float = 0.1
-    popularity_weight: float = 1.0
-    policy_affinity_weight: float = 8.0
-    policy_noise: float = 0.8
-    p_min: float = 0.005
-
-    def resolved(self) -> "RequestParams":
-        """A copy with the None defaults filled in, after checking the parameters."""
-        p = RequestParams(**asdict(self))
-        if p.num_clusters is None:
-            p.num_clusters = max(1, p.num_categories // 5)
-        p.max_interests = max(1, min(p.max_interests, p.num_clusters))
-        if p.history_median is None:
-            p.history_median = max(1.0, p.max_history / 3)
-        if p.exposed_per_request is None:
-            p.exposed_per_request = 0.1 * (p.min_candidates + p.max_candidates) / 2
-        retrieval = p.retrieval_interest + 2 * p.retrieval_complement + 2 * p.retrieval_duplicate
-        checks = {
-            "num_requests >= 1": p.num_requests >= 1,
-            "num_valid >= 1": p.num_valid >= 1,
-            "num_test >= 1": p.num_test >= 1,
-            "num_users >= 1": p.num_users >= 1,
-            "num_categories >= 2": p.num_categories >= 2,
-            "1 <= num_clusters <= num_categories": 1 <= p.num_clusters <= p.num_categories,
-            "num_subclusters >= 1": p.num_subclusters >= 1,
-            "num_segments >= 1": p.num_segments >= 1,
-            "num_items >= num_categories * num_subclusters": p.num_items >= p.num_categories * p.num_subclusters,
-            "2 <= min_candidates <= max_candidates": 2 <= p.min_candidates <= p.max_candidates,
-            "max_candidates <= num_items": p.max_candidates <= p.num_items,
-            "max_history >= 1": p.max_history >= 1,
-            "0 < exposed_per_request <= min_candidates": 0 < p.exposed_per_request <= p.min_candidates,
-            "files >= 1": p.files >= 1,
-            "row_group_size >= 1": p.row_group_size >= 1,
-            "0 <= interest_rate <= 1": 0 <= p.interest_rate <= 1,
-            "retrieval shares >= 0": min(p.retrieval_interest, p.retrieval_complement, p.retrieval_duplicate) >= 0,
-            "retrieval_interest + 2 * retrieval_complement + 2 * retrieval_duplicate <= 1": retrieval <= 1 + 1e-12,
-            "0 < target_true_ctr < 1": 0 < p.target_true_ctr < 1,
-            "0 < p_min < 1": 0 < p.p_min < 1,
-            "exposed_per_request > p_min * mean candidates": (
-                p.exposed_per_request > p.p_min * (p.min_candidates + p.max_candidates) / 2
-            ),
-            "quality_scale, policy_noise, history_sigma >= 0": min(
-                p.quality_scale, p.policy_noise, p.history_sigma
-            ) >= 0,
-        }
-        failed = [k for k, ok in checks.items() if not ok]
-        if failed:
-            raise ValueError(f"invalid RequestParams: need {', '.join(failed)}; got {asdict(self)}")
-        return p
 
 
 def request_arrow_schema() -> pa.Schema:
@@ -313,287 +204,6 @@ def request_schema(num_users: int, num_segments: int, num_items: int, num_catego
     )
     schema.validate()
     return schema
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-class _Buckets:
-    """Samples items popularity-weighted within a bucket (cluster, category or near-duplicate group).
-
-    Items sorted by bucket; the cumulative within-bucket popularity shifted by the bucket index, so that
-    ``searchsorted(bucket + u)`` lands on an item of that bucket. Every bucket must be non-empty.
-    """
-
-    def __init__(self, keys: np.ndarray, weights: np.ndarray, num_buckets: int) -> None:
-        order = np.argsort(keys, kind="stable")  # keys [I]: bucket of items 1..I
-        self.items = order + 1
-        sk = keys[order]
-        csum = np.cumsum(weights[order])
-        starts = np.searchsorted(sk, np.arange(num_buckets))
-        ends = np.searchsorted(sk, np.arange(num_buckets), side="right")
-        assert (ends > starts).all(), "every bucket needs an item"
-        base = np.where(starts > 0, csum[np.maximum(starts - 1, 0)], 0.0)
-        total = csum[ends - 1] - base
-        self.cdf = sk + (csum - base[sk]) / total[sk]
-        self.start, self.end = starts, ends
-
-    def sample(self, rng: np.random.Generator, buckets: np.ndarray) -> np.ndarray:
-        idx = np.searchsorted(self.cdf, buckets + rng.random(len(buckets)), side="right")
-        return self.items[np.clip(idx, self.start[buckets], self.end[buckets] - 1)]
-
-
-class RequestWorld:
-    """The fixed structure every request is drawn from (a pure function of ``params``, seed included).
-
-    Per-id arrays have index 0 as padding.
-
-    Attributes:
-        cat_cluster: ``[C + 1]`` cluster (0-based) of each category (-1 at 0).
-        complement: ``[C + 1]`` the complementary category of each category (0 at 0).
-        item_cat: ``[I + 1]`` category of each item.
-        item_group: ``[I + 1]`` near-duplicate group ``(cat - 1) * num_subclusters + sub-cluster`` (-1 at 0).
-        item_zpop: ``[I + 1]`` standardised log-popularity.
-        item_quality: ``[I + 1]`` quality ``q`` in the true logit.
-        user_interests: ``[U + 1, max_interests]`` interest clusters (the first ``user_n_interests`` count).
-        user_n_interests: ``[U + 1]``.
-        user_segment: ``[U + 1]`` segment (from 1; 0 at 0).
-    """
-
-    def __init__(self, params: RequestParams) -> None:
-        p = params.resolved()
-        rng = np.random.default_rng([p.seed, 0])
-        c, k, s, n_items = p.num_categories, p.num_clusters, p.num_subclusters, p.num_items
-        self.cat_cluster = np.concatenate([[-1], rng.permutation(np.arange(c) % k)])
-        order = rng.permutation(np.arange(1, c + 1))
-        comp = np.zeros(c + 1, dtype=np.int64)
-        comp[order[0:-1:2]], comp[order[1::2]] = order[1::2], order[0:-1:2]
-        if c % 2:
-            comp[order[-1]] = order[0]
-        self.complement = comp
-        # every (category, sub-cluster) group gets an item, the rest are random
-        first = np.arange(c * s)
-        rest = rng.integers(0, c * s, n_items - c * s)
-        groups = rng.permutation(np.concatenate([first, rest]))  # [I]
-        self.item_group = np.concatenate([[-1], groups])
-        self.item_cat = np.concatenate([[0], groups // s + 1])
-        ranks = rng.permutation(n_items) + 1.0
-        pop = ranks**-p.zipf_exponent  # [I]
-        logpop = np.log(pop)
-        self.item_zpop = np.concatenate([[0.0], (logpop - logpop.mean()) / max(logpop.std(), 1e-12)])
-        self.item_quality = np.concatenate([[0.0], rng.normal(0.0, p.quality_scale, n_items)])
-        self.global_cdf = np.cumsum(pop) / pop.sum()
-        self.by_cluster = _Buckets(self.cat_cluster[self.item_cat[1:]], pop, k)
-        self.by_category = _Buckets(self.item_cat[1:] - 1, pop, c)
-        self.by_group = _Buckets(groups, pop, c * s)
-        n_int = rng.integers(1, p.max_interests + 1, p.num_users + 1)
-        interests = rng.integers(0, k, (p.num_users + 1, p.max_interests))
-        while True:  # distinct clusters per user: redraw rows with duplicates
-            srt = np.sort(interests, axis=1)
-            dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
-            if not dup.any():
-                break
-            interests[dup] = rng.integers(0, k, (int(dup.sum()), p.max_interests))
-        self.user_n_interests = n_int
-        self.user_interests = interests
-        self.user_segment = 1 + interests[:, 0] % p.num_segments
-        self.user_segment[0] = 0
-        self.num_items = n_items
-
-    def sample_popular(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        return 1 + np.minimum(np.searchsorted(self.global_cdf, rng.random(n), side="right"), self.num_items - 1)
-
-    def sample_interest(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
-        pick = (rng.random(len(users)) * self.user_n_interests[users]).astype(np.int64)
-        return self.by_cluster.sample(rng, self.user_interests[users, pick])
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _dedup(items: np.ndarray, row: np.ndarray, num_items: int, rng: np.random.Generator) -> np.ndarray:
-    """Replaces repeats of an item within a request (all but its first slot) by uniformly random items."""
-    while True:
-        key = row * (num_items + 1) + items
-        order = np.argsort(key, kind="stable")
-        repeat = np.zeros(len(items), dtype=bool)
-        repeat[order[1:][key[order][1:] == key[order][:-1]]] = True
-        if not repeat.any():
-            return items
-        items[repeat] = rng.integers(1, num_items + 1, int(repeat.sum()))
-
-
-def set_features(
-    world: RequestWorld,
-    p: RequestParams,
-    hist_lengths: np.ndarray,
-    hist_category: np.ndarray,
-    cand_lengths: np.ndarray,
-    cand_item_id: np.ndarray,
-) -> dict[str, np.ndarray]:
-    """The per-candidate quantities of the true click model, recomputed from a request's columns.
-
-    Shapes: R requests, E behaviours, N candidates in all (the rows' lists concatenated).
-
-    Args:
-        world: the world of the data set.
-        p: its (resolved) parameters.
-        hist_lengths: ``[R]``.
-        hist_category: ``[E]``.
-        cand_lengths: ``[R]`` (m per request).
-        cand_item_id: ``[N]``.
-
-    Returns:
-        ``[N]`` arrays: ``n_hist_cat`` (behaviours in the candidate's category), ``cross`` (``cand_cross``),
-        ``affinity``, ``f_comp``, ``f_dup`` (see the module docstring) and ``pointwise_logit`` (the
-        true logit's affinity and quality terms) and ``set_logit`` (its complement and duplicate terms),
-        both without the bias.
-    """
-    n, c, k, g = len(hist_lengths), p.num_categories + 1, p.num_clusters, p.num_categories * p.num_subclusters
-    hrow = np.repeat(np.arange(n), hist_lengths)
-    crow = np.repeat(np.arange(n), cand_lengths)
-    cat = world.item_cat[cand_item_id]
-    cluster = world.cat_cluster[cat]
-    hist_cat_count = np.bincount(hrow * c + hist_category, minlength=n * c)  # [R * (C + 1)]
-    hist_cluster_count = np.bincount(hrow * k + world.cat_cluster[hist_category], minlength=n * k)
-    n_cat = hist_cat_count[crow * c + cat]
-    n_cluster = hist_cluster_count[crow * k + cluster]
-    affinity = (n_cat + p.related_weight * (n_cluster - n_cat)) / hist_lengths[crow]
-    cand_cat_count = np.bincount(crow * c + cat, minlength=n * c)
-    others = (cand_lengths - 1)[crow].astype(np.float64)
-    f_comp = cand_cat_count[crow * c + world.complement[cat]] / others
-    group = world.item_group[cand_item_id]
-    group_count = np.bincount(crow * g + group, minlength=n * g)
-    f_dup = (group_count[crow * g + group] - 1) / others
-    cross = 1 + np.minimum(CROSS_LEVELS - 1, np.floor(np.log2(1.0 + n_cat))).astype(np.int64)
-    return {
-        "n_hist_cat": n_cat,
-        "cross": cross,
-        "affinity": affinity,
-        "f_comp": f_comp,
-        "f_dup": f_dup,
-        "pointwise_logit": p.affinity_weight * affinity + world.item_quality[cand_item_id],
-        "set_logit": p.complement_weight * f_comp - p.duplicate_weight * f_dup,
-    }
-
-
-def _draw(world: RequestWorld, p: RequestParams, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``n`` requests before labelling: ids, histories, candidates, their true logit and policy logit
-    (both without their biases). Shapes: R = n requests, E behaviours, N candidates in all."""
-    users = rng.integers(1, p.num_users + 1, n)  # [R]
-    hlen = np.rint(rng.lognormal(math.log(p.history_median), p.history_sigma, n))
-    hlen = np.clip(hlen, 1, p.max_history).astype(np.int64)  # [R]
-    hrow = np.repeat(np.arange(n), hlen)  # [E]
-    interest = rng.random(len(hrow)) < p.interest_rate
-    hist = world.sample_popular(rng, len(hrow))
-    hist[interest] = world.sample_interest(rng, users[hrow[interest]])
-
-    m = rng.integers(p.min_candidates, p.max_candidates + 1, n)  # [R]
-    crow = np.repeat(np.arange(n), m)  # [N]
-    s_comp = rng.uniform(0, 2 * p.retrieval_complement, n)[crow]
-    s_dup = rng.uniform(0, 2 * p.retrieval_duplicate, n)[crow]
-    u = rng.random(len(crow))
-    is_int = u < p.retrieval_interest
-    is_comp = ~is_int & (u < p.retrieval_interest + s_comp)
-    is_dup = ~is_int & ~is_comp & (u < p.retrieval_interest + s_comp + s_dup)
-    cand = world.sample_popular(rng, len(crow))
-    cand[is_int] = world.sample_interest(rng, users[crow[is_int]])
-    # complement / near-duplicate slots copy from a random interest slot of their request (anchor)
-    int_pos = np.flatnonzero(is_int)  # sorted, hence grouped by request
-    n_int = np.bincount(crow[is_int], minlength=n)
-    int_off = _offsets(n_int)
-    anchored = np.flatnonzero((is_comp | is_dup) & (n_int[crow] > 0))
-    r = crow[anchored]
-    pick = int_off[r] + (rng.random(len(anchored)) * n_int[r]).astype(np.int64)
-    anchor = cand[int_pos[pick]]
-    comp_slots = is_comp[anchored]
-    cand[anchored[comp_slots]] = world.by_category.sample(rng, world.complement[world.item_cat[anchor[comp_slots]]] - 1)
-    cand[anchored[~comp_slots]] = world.by_group.sample(rng, world.item_group[anchor[~comp_slots]])
-    cand = _dedup(cand, crow, p.num_items, rng)
-
-    f = set_features(world, p, hlen, world.item_cat[hist], m, cand)
-    policy = (
-        p.popularity_weight * world.item_zpop[cand]
-        + p.policy_affinity_weight * f["affinity"]
-        + rng.normal(0.0, p.policy_noise, len(crow))
-    )
-    return {
-        "users": users,
-        "hist_lengths": hlen,
-        "hist_item_id": hist,
-        "cand_lengths": m,
-        "cand_item_id": cand,
-        "cross": f["cross"],
-        "pointwise_logit": f["pointwise_logit"],
-        "set_logit": f["set_logit"],
-        "policy_logit": policy,
-        "f_comp": f["f_comp"],
-        "u_click": rng.random(len(crow)),
-        "u_expose": rng.random(len(crow)),
-    }
-
-
-def _bisect(mean_at: Callable[[float], float], target: float) -> float:
-    """The bias b in [-30, 30] with ``mean_at(b) == target`` (``mean_at`` increasing)."""
-    lo, hi = -30.0, 30.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if mean_at(mid) < target:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def _propensity(policy_logit: np.ndarray, policy_bias: float, p_min: float) -> np.ndarray:
-    return np.clip(_sigmoid(policy_logit + policy_bias), p_min, 1.0)
-
-
-def _auc(score: np.ndarray, label: np.ndarray) -> float:
-    """ROC AUC with ties counted half (Mann-Whitney)."""
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-    pos = label == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def _calibrate(world: RequestWorld, p: RequestParams) -> tuple[dict, dict]:
-    """Bisects the true-click bias and the policy bias on a pilot sample; returns them and the pilot's
-    set-effect statistics (AUC of the true logit with and without the set terms against true clicks)."""
-    d = _draw(world, p, _PILOT_REQUESTS, np.random.default_rng([p.seed, _SPLIT_SEED["pilot"]]))
-    z_point, z_set = d["pointwise_logit"], d["set_logit"]
-    bias = _bisect(lambda b: float(_sigmoid(z_point + z_set + b).mean()), p.target_true_ctr)
-    per_candidate = p.exposed_per_request * _PILOT_REQUESTS / len(z_point)
-    policy_bias = _bisect(lambda b: float(_propensity(d["policy_logit"], b, p.p_min).mean()), per_candidate)
-    click = d["u_click"] < _sigmoid(z_point + z_set + bias)
-    exposed = d["u_expose"] < _propensity(d["policy_logit"], policy_bias, p.p_min)
-    crow = np.repeat(np.arange(_PILOT_REQUESTS), d["cand_lengths"])
-    z_comp = p.complement_weight * d["f_comp"]
-    full = z_point + z_set
-    stats = {
-        "pilot_requests": _PILOT_REQUESTS,
-        "pilot_candidates": int(len(full)),
-        "auc_true_logit": _auc(full, click),
-        "auc_without_set_terms": _auc(z_point, click),
-        "auc_without_complement": _auc(full - z_comp, click),
-        "auc_without_duplicates": _auc(z_point + z_comp, click),
-        "auc_set_terms_only": _auc(z_set, click),
-        "auc_true_logit_exposed": _auc(full[exposed], click[exposed]),
-        "auc_policy_logit": _auc(d["policy_logit"], click),
-        "std_pointwise_terms": float(z_point.std()),
-        "std_set_terms": float(z_set.std()),
-        "std_set_terms_within_request": float(np.sqrt(np.mean(
-            (z_set - (np.bincount(crow, weights=z_set) / d["cand_lengths"])[crow]) ** 2))),
-        "corr_policy_true_logit": float(np.corrcoef(d["policy_logit"], full)[0, 1]),
-    }
-    return {"true_bias": bias, "policy_bias": policy_bias}, stats
 
 
 def _list(lengths: np.ndarray, values: np.ndarray, t: pa.DataType) -> pa.ListArray:
