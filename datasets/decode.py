@@ -87,6 +87,7 @@ def _fix_ids(
     policy: IdPolicy,
     column: str,
     where: Where,
+    range_name: str = "the table's valid range",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Validates ids against ``[0, num_embeddings)``; returns (ids, per-element rewritten mask).
 
@@ -101,7 +102,7 @@ def _fix_ids(
         row = _row_of(pos, offsets)
         at = "" if offsets is None else f" (list position {pos - int(offsets[row])})"
         raise DataError(
-            f"{where.row(row, column)}: id {int(values[pos])}{at} is outside the table's valid range "
+            f"{where.row(row, column)}: id {int(values[pos])}{at} is outside {range_name} "
             f"[0, {num_embeddings}); expected 0 <= id < {num_embeddings}. "
             f"{int(bad.sum())} ids of this row group are out of range. Set data.id_policy=hash "
             f"(id -> id mod {num_embeddings}) or data.id_policy=clip (id -> clamp(id, 0, {num_embeddings - 1})) "
@@ -174,7 +175,13 @@ def decode(
             values, lengths, offsets = _numpy(arr, np.int64), ones, None
         if f.mapping is IdMapping.hash:  # raw 64-bit ids: every id hashed into the table, none out of range
             values = hash_ids(values, f.num_embeddings)
-        values, bad = _fix_ids(values, lengths, offsets, f.num_embeddings, cfg.id_policy, f.name, where)
+        if f.mapping is not IdMapping.mch:
+            values, bad = _fix_ids(values, lengths, offsets, f.num_embeddings, cfg.id_policy, f.name, where)
+        elif not f.mch.hash_input:  # raw ids reach the managed-collision module, which needs [0, input_hash_size)
+            values, bad = _fix_ids(values, lengths, offsets, f.mch.input_hash_size, cfg.id_policy, f.name, where,
+                                   "mch.input_hash_size's range")
+        else:  # any int64: the model hashes it into [0, input_hash_size) (modules.managed_collision)
+            bad = np.zeros(values.shape, dtype=bool)
         if f.sequence:
             index, lengths = tails[group_of[f.name]]
             values = values[index]

@@ -54,6 +54,62 @@ class IdMapping(enum.Enum):
 
     identity = "identity"  # ids are rows already (converters remap to [1, n)); out-of-range ids per id_policy
     hash = "hash"  # raw 64-bit ids: row = splitmix64(id) mod num_embeddings, every id (production ids)
+    mch = "mch"  # raw 64-bit ids passed through; torchrec's managed-collision module (ZCH) maps them to rows
+
+
+class MchEvictionPolicy(enum.Enum):
+    """torchrec's eviction policies for ``mapping: mch`` (``MchConfig.eviction_policy``)."""
+
+    lfu = "lfu"  # LFU_EvictionPolicy: keep the ids seen most often (counts accumulate over all of training)
+    distance_lfu = "distance_lfu"  # DistanceLFU_EvictionPolicy: counts / (steps since last seen + 1) ** decay
+
+
+MCH_MAX_INPUT_HASH_SIZE = 2**63 - 1  # torchrec's default; int64 max itself is the ZCH's empty-slot sentinel
+
+
+@dataclass
+class MchConfig:
+    """Options of a ``mapping: mch`` feature: a zero-collision hash table (ZCH) of ``num_embeddings`` rows.
+
+    torchrec's ``MCHManagedCollisionModule`` keeps the ``num_embeddings - 1`` most valuable ids seen so far
+    (by ``eviction_policy``), each on its own row; every other id shares the last row (the miss row).
+    Training steps record the ids; every ``eviction_interval`` steps the recorded ids compete with the
+    kept ones for rows. Evaluation never changes the kept ids.
+
+    Attributes:
+        eviction_policy: ``distance_lfu`` (default: frequency discounted by staleness, torchrec's usual
+            choice for drifting id populations) or ``lfu`` (frequency only).
+        eviction_interval: training steps between updates of the kept ids (default 1: new ids get rows at
+            the step they first appear; each update sorts ``num_embeddings`` ids, so raise it for big tables).
+        decay_exponent: ``distance_lfu`` only: staleness exponent (default 1.0; 0 is plain LFU).
+        input_hash_size: raw ids are hashed (``hash_input``) or must fall into ``[0, input_hash_size)``;
+            row-wise shards own equal blocks of this range (default ``2**63 - 1``, torchrec's default).
+        hash_input: splitmix64 the raw ids into ``[0, input_hash_size)`` inside the model before the ZCH
+            (default true: ids of any int64 value, negatives included, spread evenly over the row-wise
+            shards however they are distributed). False: the reader checks ``0 <= id < input_hash_size``
+            (others follow ``data.id_policy``) and the ZCH keeps the raw ids themselves.
+    """
+
+    eviction_policy: MchEvictionPolicy = MchEvictionPolicy.distance_lfu
+    eviction_interval: int = 1
+    decay_exponent: float = 1.0
+    input_hash_size: int = MCH_MAX_INPUT_HASH_SIZE
+    hash_input: bool = True
+
+    def validate(self, feature: str, num_embeddings: int) -> None:
+        """Raises ValueError naming ``feature`` and the field when an option is out of range."""
+        where = f"id feature {feature}: mch"
+        if self.eviction_interval < 1:
+            raise ValueError(f"{where}.eviction_interval must be >= 1 (training steps), got {self.eviction_interval}")
+        if not self.decay_exponent >= 0:
+            raise ValueError(f"{where}.decay_exponent must be >= 0, got {self.decay_exponent}")
+        if not num_embeddings <= self.input_hash_size <= MCH_MAX_INPUT_HASH_SIZE:
+            raise ValueError(
+                f"{where}.input_hash_size must be in [num_embeddings, 2**63 - 1] = [{num_embeddings},"
+                f" {MCH_MAX_INPUT_HASH_SIZE}], got {self.input_hash_size}"
+            )
+        if num_embeddings < 2:
+            raise ValueError(f"id feature {feature}: mapping mch needs num_embeddings >= 2 (one row is the miss row)")
 
 
 _GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -76,11 +132,24 @@ def hash_ids(ids, num_embeddings: int):
     """
     import numpy as np
 
+    return (splitmix64(ids) % np.uint64(num_embeddings)).astype(np.int64)
+
+
+def splitmix64(ids):
+    """splitmix64's finaliser of int64 ids (numpy): the uint64 hash that :func:`hash_ids` reduces mod n.
+
+    Args:
+        ids: int64 numpy array.
+
+    Returns:
+        uint64 numpy array, the same shape.
+    """
+    import numpy as np
+
     x = ids.astype(np.int64).view(np.uint64) + np.uint64(_GOLDEN)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
-    x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(num_embeddings)).astype(np.int64)
+    return x ^ (x >> np.uint64(31))
 
 
 def table_name(table: str, role: Optional[str] = None) -> str:
@@ -136,9 +205,12 @@ class IdFeature:
         table: embedding table shared by several features, without the ``t_`` prefix (default: ``name``).
         group: sequence group (sequence features only): columns of one group have equal lengths per row.
         mapping: ``identity`` (stored ids are rows: ids outside ``[0, num_embeddings)`` follow
-            ``data.id_policy``) or ``hash`` (stored ids are raw 64-bit ids, e.g. video or user ids of a
+            ``data.id_policy``), ``hash`` (stored ids are raw 64-bit ids, e.g. video or user ids of a
             production log: every id is mapped to ``splitmix64(id) mod num_embeddings`` by the reader, see
-            :func:`hash_ids`; features sharing a table must agree).
+            :func:`hash_ids`) or ``mch`` (raw ids reach the model, where torchrec's managed-collision module
+            gives the most valuable ids rows of their own, see :class:`MchConfig`). Features sharing a table
+            must agree.
+        mch: options of ``mapping: mch`` (ignored otherwise); features sharing a table must agree.
     """
 
     name: str = "???"
@@ -147,6 +219,7 @@ class IdFeature:
     table: Optional[str] = None
     group: str = "history"
     mapping: IdMapping = IdMapping.identity
+    mch: MchConfig = field(default_factory=MchConfig)
 
     @property
     def table_name(self) -> str:
@@ -283,6 +356,14 @@ class SchemaConfig:
                     f"features sharing table {f.table_name} disagree on mapping: {other[1]} {other[0].value},"
                     f" {f.name} {f.mapping.value} (an id must land on the same row from either)"
                 )
+            if f.mapping is IdMapping.mch:
+                f.mch.validate(f.name, f.num_embeddings)
+                first = self.id_feature(other[1])
+                if first.mch != f.mch:
+                    raise ValueError(
+                        f"features sharing table {f.table_name} disagree on mch options: {first.name} {first.mch},"
+                        f" {f.name} {f.mch} (one managed-collision module serves the table)"
+                    )
         self.table_sizes()
 
 

@@ -1,7 +1,8 @@
 """The model's embedding tables as the planner sees them, the sharders, and DistributedModelParallel.
 
 Nothing here knows any zoo entry: tables are found by walking the model for torchrec ``EmbeddingCollection`` /
-``EmbeddingBagCollection`` modules (or their sharded forms), and every table name is one that
+``EmbeddingBagCollection`` modules, their managed-collision forms (``mapping: mch`` tables, see
+:mod:`modules.managed_collision`), or their sharded forms, and every table name is one that
 :func:`datasets.schema.table_name` gives (``t_<table>`` or ``t_<table>__<role>``), so a model may hold several
 tables of one feature in distinct roles, in one collection or in several (co-trained sub-models).
 Planning is :mod:`launch.planning`, plan files :mod:`launch.plan_files`; :mod:`launch.sharding` re-exports all.
@@ -18,10 +19,22 @@ from torch import nn
 from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEmbeddingCollection
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
+from torchrec.distributed.mc_embedding import (
+    ManagedCollisionEmbeddingCollectionSharder,
+    ShardedManagedCollisionEmbeddingCollection,
+)
+from torchrec.distributed.mc_embeddingbag import (
+    ManagedCollisionEmbeddingBagCollectionSharder,
+    ShardedManagedCollisionEmbeddingBagCollection,
+)
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_configs import DATA_TYPE_NUM_BITS, BaseEmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import (
+    ManagedCollisionEmbeddingBagCollection,
+    ManagedCollisionEmbeddingCollection,
+)
 
 from datasets.schema import parse_table_name
 
@@ -45,7 +58,8 @@ class TableMeta:
 
     Attributes:
         module_path: the owning collection's path in the model (the plan's key), e.g. ``model.emb.ec``.
-        module_type: ``EmbeddingCollection`` or ``EmbeddingBagCollection`` (picks the sharder).
+        module_type: ``EmbeddingCollection``, ``EmbeddingBagCollection`` or their ``ManagedCollision...``
+            forms (picks the sharder).
         rows: ``num_embeddings``.
         dim: ``embedding_dim``.
         bytes_per_element: of the table's data type (4 for fp32).
@@ -63,6 +77,15 @@ class TableMeta:
 
 
 def _configs(m: nn.Module) -> Optional[tuple[list[BaseEmbeddingConfig], type]]:
+    # A managed-collision collection is planned and sharded as one module (its inner collection is skipped).
+    if isinstance(m, (ManagedCollisionEmbeddingCollection, ManagedCollisionEmbeddingBagCollection)):
+        inner = _configs(m._embedding_module)
+        assert inner is not None
+        return inner[0], type(m)
+    if isinstance(m, ShardedManagedCollisionEmbeddingCollection):
+        return list(m._embedding_module._table_name_to_config.values()), ManagedCollisionEmbeddingCollection
+    if isinstance(m, ShardedManagedCollisionEmbeddingBagCollection):
+        return list(m._embedding_module._table_name_to_config.values()), ManagedCollisionEmbeddingBagCollection
     if isinstance(m, EmbeddingCollection):
         return list(m.embedding_configs()), EmbeddingCollection
     if isinstance(m, EmbeddingBagCollection):
@@ -89,11 +112,16 @@ def embedding_tables(model: nn.Module) -> dict[str, TableMeta]:
             :func:`datasets.schema.table_name`'s.
     """
     out: dict[str, TableMeta] = {}
+    managed: list[str] = []  # paths of managed-collision collections: their inner collection is theirs
     for path, m in model.named_modules():
+        if any(path.startswith(p + ".") for p in managed):
+            continue
         found = _configs(m)
         if found is None:
             continue
         configs, kind = found
+        if kind in (ManagedCollisionEmbeddingCollection, ManagedCollisionEmbeddingBagCollection):
+            managed.append(path)
         for c in configs:
             if c.name in out:
                 raise ValueError(
@@ -139,6 +167,34 @@ class CpuEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
         return types
 
 
+class ZooManagedCollisionEmbeddingCollectionSharder(ManagedCollisionEmbeddingCollectionSharder):
+    """torchrec's ManagedCollisionEmbeddingCollection sharder (row-wise only), with only the compute kernels
+    its EmbeddingCollection sharder offers on the device: torchrec 1.8's managed-collision sharders list fused,
+    fused_uvm, fused_uvm_caching and key_value on every device, and on CPU the planner's estimator fails on
+    the UVM ones."""
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        offered = self._e_sharder.compute_kernels(sharding_type, compute_device_type)
+        return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in offered]
+
+
+class CpuManagedCollisionEmbeddingBagCollectionSharder(ManagedCollisionEmbeddingBagCollectionSharder):
+    """torchrec's ManagedCollisionEmbeddingBagCollection sharder (row-wise), also on CPU.
+
+    Its sharding types are those its bag sharder and torchrec's ManagedCollisionCollectionSharder (row-wise
+    only) share; torchrec's bag sharder lacks row-wise on CPU, so this one bags with
+    :class:`CpuEmbeddingBagCollectionSharder`. Compute kernels: as
+    :class:`ZooManagedCollisionEmbeddingCollectionSharder`.
+    """
+
+    def __init__(self, fused_params: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(ebc_sharder=CpuEmbeddingBagCollectionSharder(fused_params=fused_params))
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        offered = self._e_sharder.compute_kernels(sharding_type, compute_device_type)
+        return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in offered]
+
+
 class ZooEmbeddingCollectionSharder(EmbeddingCollectionSharder):
     """torchrec's EmbeddingCollection sharder without ``data_parallel``.
 
@@ -154,11 +210,13 @@ class ZooEmbeddingCollectionSharder(EmbeddingCollectionSharder):
 
 
 def build_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[ModuleSharder[nn.Module]]:
-    """Sharders for EmbeddingCollection and EmbeddingBagCollection.
+    """Sharders for EmbeddingCollection and EmbeddingBagCollection, and their managed-collision forms.
 
     EmbeddingCollection: table_wise, column_wise, row_wise (torchrec's sharder, which admits row-wise on CPU
     already, minus data_parallel: see :class:`ZooEmbeddingCollectionSharder`).
     EmbeddingBagCollection: those plus table_row_wise and table_column_wise, on CPU too.
+    ManagedCollisionEmbeddingCollection / ...BagCollection (``mapping: mch`` tables): row_wise, on CPU too
+    (torchrec's sharders; each rank's shard holds a ZCH of its own rows).
 
     Args:
         fused_params: passed to fbgemm's TBE (e.g. ``{"optimizer": EmbOptimType.EXACT_SGD,
@@ -167,6 +225,8 @@ def build_sharders(fused_params: Optional[dict[str, Any]] = None) -> list[Module
     return [
         ZooEmbeddingCollectionSharder(fused_params=fused_params),
         CpuEmbeddingBagCollectionSharder(fused_params=fused_params),
+        ZooManagedCollisionEmbeddingCollectionSharder(fused_params=fused_params),
+        CpuManagedCollisionEmbeddingBagCollectionSharder(fused_params=fused_params),
     ]
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from datasets.schema import SchemaConfig
-from models.registry import TableConstraint
+from models.registry import TableConstraint, large_table_constraint
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
 from modules.sequence import last_n
 
@@ -110,13 +110,10 @@ def item_and_user_constraints(
     """Default sharding preferences: the (large) item-id and user tables go row-wise or table-wise.
 
     The item-id table is the first target feature's; the other tables (categories, small) are left to the
-    planner.
+    planner. A ``mapping: mch`` table goes row-wise (:func:`models.registry.large_table_constraint`).
     """
     big = [target_features[0]] + ([user_feature] if user_feature is not None else [])
-    return {
-        schema.id_feature(name).table_name: TableConstraint(sharding_types=("row_wise", "table_wise"))
-        for name in big
-    }
+    return {schema.id_feature(name).table_name: large_table_constraint(schema, name) for name in big}
 
 
 def require_sample_labels(schema: SchemaConfig, model: str) -> int:

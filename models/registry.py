@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from datasets.schema import SchemaConfig
+from datasets.schema import IdMapping, SchemaConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,19 @@ class TableConstraint:
 
     sharding_types: tuple[str, ...] = ()
     compute_kernels: tuple[str, ...] = ()
+
+
+def large_table_constraint(schema: SchemaConfig, feature: str) -> TableConstraint:
+    """The default of a large table (item ids, users): row-wise or table-wise, the planner picks; row-wise
+    only for a ``mapping: mch`` feature's table (torchrec shards managed-collision collections row-wise only).
+
+    Args:
+        schema: the data schema.
+        feature: an id feature of the table.
+    """
+    if schema.id_feature(feature).mapping is IdMapping.mch:
+        return TableConstraint(sharding_types=("row_wise",))
+    return TableConstraint(sharding_types=("row_wise", "table_wise"))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@ keeps several tables per feature in distinct roles, e.g. DARE's decoupled attent
 embeddings (roles ``attn`` and ``repr``, possibly at different dims). Features that share a table in the
 schema (a target item and the behaviour items) share one table here, listed in its ``feature_names``.
 
+Tables of ``mapping: mch`` features (raw 64-bit ids) are looked up through torchrec's managed-collision
+collections: the builders then return a :class:`modules.managed_collision.ManagedCollisionLookup`, which
+returns what the plain collection would.
+
 Shapes: B batch, S total number of ids of a sequence feature in the batch (sum of its lengths), D dim.
 """
 
@@ -18,7 +22,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from datasets.schema import SchemaConfig, table_name
+from datasets.schema import IdMapping, MchConfig, SchemaConfig, table_name
+from modules.managed_collision import ManagedCollisionLookup, build_managed_collection
 
 
 def _role_from(role: Optional[str], table_suffix: Optional[str]) -> Optional[str]:
@@ -69,6 +74,28 @@ def group_features_by_table(
     return tables
 
 
+def _mch_options(schema: SchemaConfig, tables: dict[str, tuple[list[str], int]]) -> dict[str, MchConfig]:
+    """Table name -> ``mch`` options, for the tables (of :func:`group_features_by_table`) of mch features."""
+    out = {}
+    for name, (features, _) in tables.items():
+        f = schema.id_feature(features[0])  # features sharing a table agree (SchemaConfig.validate)
+        if f.mapping is IdMapping.mch:
+            out[name] = f.mch
+    return out
+
+
+def _collection(
+    configs: list, mch: dict[str, MchConfig], device: Optional[torch.device], bags: bool
+) -> EmbeddingCollection | EmbeddingBagCollection | ManagedCollisionLookup:
+    """A plain collection of ``configs``, or, when some are mch tables, a ManagedCollisionLookup."""
+    kind = EmbeddingBagCollection if bags else EmbeddingCollection
+    if not mch:
+        return kind(tables=configs, device=device)
+    managed = build_managed_collection(kind(tables=[c for c in configs if c.name in mch], device=device), mch, device)
+    rest = [c for c in configs if c.name not in mch]
+    return ManagedCollisionLookup(managed, kind(tables=rest, device=device) if rest else None)
+
+
 def build_embedding_collection(
     schema: SchemaConfig,
     feature_names: Sequence[str],
@@ -77,7 +104,7 @@ def build_embedding_collection(
     role: Optional[str] = None,
     *,
     table_suffix: Optional[str] = None,
-) -> EmbeddingCollection:
+) -> EmbeddingCollection | ManagedCollisionLookup:
     """An EmbeddingCollection (one embedding per id, no pooling) over ``feature_names``, all at width ``dim``.
 
     Looking it up on a KeyedJaggedTensor gives, per feature, a JaggedTensor whose values are ``[B, D]``
@@ -91,14 +118,17 @@ def build_embedding_collection(
         device: where the tables are created (``meta`` for the sharding path).
         role: the tables' role: ``"attn"`` names them ``t_<table>__attn``; None: ``t_<table>``.
         table_suffix: deprecated spelling of ``role`` (``"__attn"``).
+
+    Returns:
+        An EmbeddingCollection; when some of the tables are of ``mapping: mch`` features, a
+        :class:`~modules.managed_collision.ManagedCollisionLookup` with the same output.
     """
+    grouped = group_features_by_table(schema, feature_names, _role_from(role, table_suffix))
     tables = [
         EmbeddingConfig(name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features)
-        for name, (features, rows) in group_features_by_table(
-            schema, feature_names, _role_from(role, table_suffix)
-        ).items()
+        for name, (features, rows) in grouped.items()
     ]
-    return EmbeddingCollection(tables=tables, device=device)
+    return _collection(tables, _mch_options(schema, grouped), device, bags=False)
 
 
 def build_embedding_bag_collection(
@@ -110,25 +140,25 @@ def build_embedding_bag_collection(
     pooling: PoolingType = PoolingType.SUM,
     *,
     table_suffix: Optional[str] = None,
-) -> EmbeddingBagCollection:
+) -> EmbeddingBagCollection | ManagedCollisionLookup:
     """An EmbeddingBagCollection (``pooling`` over each row's ids) over ``feature_names`` at width ``dim``.
 
     Its output is a KeyedTensor with ``[B, D]`` per feature; for a scalar feature SUM pooling is the
-    embedding itself. Other arguments as for :func:`build_embedding_collection`.
+    embedding itself (with mch tables: their features' keys first). Other arguments as for
+    :func:`build_embedding_collection`.
     """
+    grouped = group_features_by_table(schema, feature_names, _role_from(role, table_suffix))
     tables = [
         EmbeddingBagConfig(
             name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features, pooling=pooling
         )
-        for name, (features, rows) in group_features_by_table(
-            schema, feature_names, _role_from(role, table_suffix)
-        ).items()
+        for name, (features, rows) in grouped.items()
     ]
-    return EmbeddingBagCollection(tables=tables, device=device)
+    return _collection(tables, _mch_options(schema, grouped), device, bags=True)
 
 
 def lookup_jagged(
-    collection: EmbeddingCollection, features: KeyedJaggedTensor, feature_names: Sequence[str]
+    collection: EmbeddingCollection | ManagedCollisionLookup, features: KeyedJaggedTensor, feature_names: Sequence[str]
 ) -> dict[str, JaggedTensor]:
     """Looks ``feature_names`` up in ``collection`` and returns their jagged embeddings.
 

@@ -7,20 +7,21 @@ from typing import Mapping
 
 from datasets.schema import SchemaConfig, table_name
 from models.dare.model import DARE, DAREConfig, DareSearch
-from models.registry import ModelSpec, TableConstraint, register
+from models.registry import ModelSpec, TableConstraint, large_table_constraint, register
 from models.twin import two_stage_caps
 from models.twin.train import build_two_stage_train_module
 
 
 def dare_constraints(cfg: DAREConfig, schema: SchemaConfig) -> Mapping[str, TableConstraint]:
-    """The item-id tables (every role) and the user table go row-wise or table-wise; the planner picks."""
+    """The item-id tables (every role) and the user table go row-wise or table-wise (mch tables: row-wise);
+    the planner picks."""
     item = schema.id_feature(cfg.target_features[0])
     base = item.table or item.name
     roles = {1: [None], 2: ["attn", "repr"], 4: ["attn", "repr", "attn_target", "repr_target"]}[cfg.tables]
-    names = [table_name(base, role) for role in roles]
+    out = {table_name(base, role): large_table_constraint(schema, item.name) for role in roles}
     if cfg.user_feature:
-        names.append(schema.id_feature(cfg.user_feature).table_name)
-    return {n: TableConstraint(sharding_types=("row_wise", "table_wise")) for n in names}
+        out[schema.id_feature(cfg.user_feature).table_name] = large_table_constraint(schema, cfg.user_feature)
+    return out
 
 
 SPEC = register(

@@ -17,7 +17,7 @@ from models.duet.train import (
     build_preranking_train_module,
     preranking_tasks,
 )
-from models.registry import ModelSpec, TableConstraint, register
+from models.registry import ModelSpec, TableConstraint, large_table_constraint, register
 
 __all__ = [
     "Arch", "PreRanker", "PreRankerConfig", "PreRankingModel", "PreRankingTrainModule", "Training",
@@ -26,14 +26,15 @@ __all__ = [
 
 
 def _constraints(cfg: PreRankerConfig, schema: SchemaConfig) -> Mapping[str, TableConstraint]:
-    """The item-id and user tables (the large ones) go row-wise or table-wise, for every sub-model's role."""
+    """The item-id and user tables (the large ones) go row-wise or table-wise (mch tables: row-wise), for every
+    sub-model's role."""
     roles = ("a", "b") if cfg.training in TWO_MODELS else (None,)
     big = [cfg.candidate_features[0], *cfg.user_features[:1]]
     out = {}
     for name in big:
         f = schema.id_feature(name)
         for role in roles:
-            out[table_name(f.table or f.name, role)] = TableConstraint(sharding_types=("row_wise", "table_wise"))
+            out[table_name(f.table or f.name, role)] = large_table_constraint(schema, name)
     return out
 
 
