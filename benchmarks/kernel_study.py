@@ -371,6 +371,12 @@ def report(points: list[dict[str, Any]], failures: list[dict[str, str]]) -> str:
              "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}"] for r in pts]
     parts = [format_table(cols, body), "", "fwd+bwd / memcpy (frac):", format_table(*pivot(pts, "frac", variants)),
              "", f"frac over {BASELINE}'s frac at the same point:", format_table(*pivot(pts, "vs_base", variants))]
+    best = []
+    for v in variants:
+        fr = sorted(r["frac"] for r in pts if r["variant"] == v)
+        best.append([v, str(len(fr)), f"{fr[len(fr) // 2]:.3f}", f"{fr[-1]:.3f}", str(sum(f >= 0.25 for f in fr))])
+    parts += ["", "fwd+bwd at >= 25% of memcpy?", format_table(["variant", "points", "median frac", "max frac",
+                                                                 "points >= 0.25"], best)]
     fits = [(v, bwd_fit(pts, v)) for v in variants]
     fit_body = [[v, f"{f['ns_per_id']:.0f}", f"{f['ns_per_distinct']:.0f}", f"{f['c_ms']:.2f}", f"{f['r2']:.3f}"]
                 for v, f in fits if f is not None]
@@ -393,8 +399,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per point")
     ap.add_argument("--no-two-rank", action="store_true", help="skip the 2-rank point (row-wise, 10^6 rows, 64k ids)")
     ap.add_argument("--json", type=Path, default=None, help="also write the points and failures here")
+    ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
     ap.add_argument("--quick", action="store_true", help="10^5 rows, zipf 1.05, 8k ids, 3 repeats, no 2-rank point")
     args = ap.parse_args(argv)
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(report(saved["points"], saved["failures"]))
+        return saved["points"]
     by_name = {v.name: v for v in SWEPT}
     bad = [n for n in args.variants if n not in by_name]
     if bad:
