@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from datasets.batch import Batch
 from datasets.config import DataConfig
 from datasets.decode import Where, decode
-from datasets.epochs import EpochLayout, epoch_order, row_order, spans
+from datasets.epochs import EpochLayout, StreamStart, epoch_order, row_order, spans, stream_layouts
 from datasets.files import Unit, count_rows, expand_paths, make_units, open_files, open_parquet, row_group_units
 from datasets.rows import Rows, rebatch
 from datasets.schema import DataError
@@ -83,6 +83,7 @@ __all__ = [
     "eval_loader",
     "expand_paths",
     "steps_per_epoch",
+    "stream_steps",
     "train_loader",
 ]
 
@@ -123,6 +124,8 @@ class ParquetStream(IterableDataset):
             (a model's declared need; 0 = no cap), combined with ``cfg.max_sequence_length`` by taking the
             smaller positive one.
         epochs: training only: None for the infinite stream, ``E >= 1`` for ``E`` exact epochs.
+        stream_start: exact epochs only: where the stream begins (an epoch, maybe only its remaining
+            positions: :class:`datasets.epochs.StreamStart`); ``start_step`` counts batches from there.
 
     Raises:
         DataError: exact epochs with no step per epoch (fewer rows than one global batch with
@@ -141,6 +144,7 @@ class ParquetStream(IterableDataset):
         start_step: int = 0,
         sequence_caps: Optional[Mapping[str, int]] = None,
         epochs: Optional[int] = None,
+        stream_start: Optional[StreamStart] = None,
     ) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
@@ -153,6 +157,8 @@ class ParquetStream(IterableDataset):
             raise ValueError(f"start_step must be >= 0 and only used for training, got {start_step}")
         if epochs is not None and (epochs < 1 or not train):
             raise ValueError(f"epochs must be None or >= 1 and only used for training, got {epochs}")
+        if stream_start is not None and epochs is None:
+            raise ValueError("stream_start needs exact epochs (the infinite stream always starts at its beginning)")
         cfg.schema.validate()
         self.caps = _group_caps(cfg, sequence_caps or {})
         self.cfg = cfg
@@ -165,6 +171,7 @@ class ParquetStream(IterableDataset):
         self.epochs = epochs
         self.files = open_files(paths, cfg.schema)
         self.layout: Optional[EpochLayout] = None
+        self.layouts: list[tuple[int, EpochLayout]] = []
         if epochs is None:
             self.units = make_units(self.files, self.num_readers)
         else:  # exact epochs split rows, not units: whole row groups, no reader needs a row
@@ -178,6 +185,15 @@ class ParquetStream(IterableDataset):
                     f"world_size x batch_size = {world_size} x {cfg.batch_size}"
                     + (" and data.drop_last=true" if cfg.drop_last else "")
                 )
+            start = stream_start or StreamStart()
+            if start.remaining and start.remaining[-1][1] > self.layout.rows:
+                raise ValueError(
+                    f"stream_start names position {start.remaining[-1][1] - 1}, the training files have "
+                    f"{self.layout.rows} rows (were they changed since the checkpoint?)"
+                )
+            self.layouts = stream_layouts(
+                self.layout.rows, world_size, self.workers, cfg.batch_size, cfg.drop_last, epochs, start
+            )
         self.columns = list(cfg.schema.arrow_types())
         self._handles: dict[int, pq.ParquetFile] = {}
 
@@ -251,10 +267,10 @@ class ParquetStream(IterableDataset):
     def _epoch_parts(self, worker: int) -> Iterator[Rows]:
         """The rows (padding included) of logical worker ``worker``'s batches of every epoch, from batch
         ``start_step`` of the rank's stream on; skipped positions are never read."""
-        layout, bsz = self.layout, self.cfg.batch_size
-        assert layout is not None and self.epochs is not None
-        start, stop = layout.rank_range(self.rank)
-        for epoch in range(self.epochs):
+        bsz = self.cfg.batch_size
+        assert self.epochs is not None
+        for epoch, layout in self.layouts:
+            start, stop = layout.rank_range(self.rank)
             first, count = layout.worker_blocks(epoch, worker)
             skip = layout.consumed(epoch, worker, self.start_step)
             if skip == count:
@@ -263,13 +279,15 @@ class ParquetStream(IterableDataset):
             lo = min(stop, start + (first + skip) * bsz)
             hi = min(stop, start + (first + count) * bsz)
             rows: Optional[Rows] = None
-            for unit, a, b in spans(order, lo, hi):
-                rows = self._span_rows(unit, epoch, a, b)
-                yield rows
+            for r_lo, r_hi in layout.real(lo, hi):
+                for unit, a, b in spans(order, r_lo, r_hi):
+                    rows = self._span_rows(unit, epoch, a, b)
+                    yield rows
             pad = (count - skip) * bsz - (hi - lo)
             if pad:  # then hi == stop: padding copies the rank's last row, position stop - 1
                 if rows is None:
-                    ((unit, a, b),) = spans(order, stop - 1, stop)
+                    ((r_lo, r_hi),) = layout.real(stop - 1, stop)
+                    ((unit, a, b),) = spans(order, r_lo, r_hi)
                     rows = self._span_rows(unit, epoch, a, b)
                 yield rows.slice(len(rows) - 1, len(rows)).padding(pad)
 
@@ -337,6 +355,7 @@ def train_loader(
     start_step: int = 0,
     sequence_caps: Optional[Mapping[str, int]] = None,
     epochs: Optional[int] = None,
+    stream_start: Optional[StreamStart] = None,
 ) -> Iterable[Batch]:
     """The deterministic training stream of one rank (see the module docstring).
 
@@ -359,6 +378,8 @@ def train_loader(
             ``cfg.max_sequence_length`` by taking the smaller positive one. Ids are validated over the whole
             stored sequence regardless.
         epochs: None for the infinite stream, ``E >= 1`` for ``E`` exact epochs.
+        stream_start: exact epochs: where the stream begins (a run resumed on another world size:
+            :func:`datasets.epochs.stream_after`); ``start_step`` counts from there. None: epoch 0, whole.
 
     Returns:
         A ``DataLoader`` (``batch_size=None``, ``cfg.num_workers`` workers) yielding :class:`Batch`.
@@ -370,7 +391,8 @@ def train_loader(
             ``epochs < 1``.
     """
     ds = ParquetStream(
-        cfg, cfg.train_paths, rank, world_size, True, start_step=start_step, sequence_caps=sequence_caps, epochs=epochs
+        cfg, cfg.train_paths, rank, world_size, True, start_step=start_step, sequence_caps=sequence_caps, epochs=epochs,
+        stream_start=stream_start,
     )
     return _loader(ds, cfg)
 
@@ -385,6 +407,13 @@ def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
     """Batches every rank takes per exact epoch (``train_loader(..., epochs=E)``), from the footers of
     ``cfg.train_paths``: ``ceil(rows / (world_size * batch_size))``, ``floor`` with ``cfg.drop_last``."""
     return _epoch_layout(cfg, world_size).steps
+
+
+def stream_steps(cfg: DataConfig, world_size: int, epochs: int, start: Optional[StreamStart] = None) -> int:
+    """Batches every rank takes in the exact-epoch stream of ``epochs`` epochs beginning at ``start``."""
+    layout = _epoch_layout(cfg, world_size)
+    return sum(lay.steps for _, lay in stream_layouts(
+        layout.rows, world_size, layout.workers, cfg.batch_size, cfg.drop_last, epochs, start))
 
 
 def dropped_rows_per_epoch(cfg: DataConfig, world_size: int) -> int:

@@ -10,7 +10,9 @@ A checkpoint is written into ``.tmp_step_XXXXXXXX`` and renamed only after every
 ``latest`` is replaced atomically (write a temp file, ``os.replace``). A kill during a save leaves a stale temp
 directory and the previous ``latest``: the previous checkpoint stays loadable. Stale temp directories are removed
 by the next save. The data position is the step count: the training stream is a pure function of the step
-(see :func:`datasets.reader.train_loader`), so resuming at step S replays the stream from batch S.
+(see :func:`datasets.reader.train_loader`), so resuming at step S replays the stream from batch S. Exact-epoch
+runs also record where their stream began (``stream``) and resume on any number of ranks: DCP reshards the
+tables and optimizer state, and the data position is carried over in rows (:mod:`launch.schedule`).
 
 The directory must be on a file system every rank sees (a shared mount on multi-node clusters).
 """
@@ -47,6 +49,8 @@ class CheckpointMeta:
             (batch size, seed, files, workers, truncation, ...). Resuming under different ones is refused.
         best: the best validation so far (``metric``, ``mode``, ``value``, ``step``).
         history: the validation metric at every evaluation so far (``[{"step": s, <metric>: v}, ...]``).
+        stream: exact epochs: where the run's training stream began (:class:`launch.schedule.Segment` as JSON);
+            with it a run resumed on another world size carries the data position over in rows.
     """
 
     step: int
@@ -56,6 +60,7 @@ class CheckpointMeta:
     data_position: Optional[dict[str, Any]] = None
     best: Optional[dict[str, Any]] = None
     history: Optional[list[dict[str, Any]]] = None
+    stream: Optional[dict[str, Any]] = None
 
 
 def _barrier() -> None:
@@ -171,13 +176,15 @@ def read_meta(path: Path) -> CheckpointMeta:
 
 
 def check_compatible(
-    path: Path, meta: CheckpointMeta, world_size: int, data_position: Optional[dict[str, Any]]
+    path: Path, meta: CheckpointMeta, world_size: int, data_position: Optional[dict[str, Any]], elastic: bool = False
 ) -> None:
-    """Raises RuntimeError when the checkpoint was written by another world size or on another data stream."""
-    if meta.world_size != world_size:
+    """Raises RuntimeError when the checkpoint was written on another data stream, or by another world size
+    unless ``elastic`` (exact epochs: the data position is then carried over in rows, the tables resharded)."""
+    if meta.world_size != world_size and not elastic:
         raise RuntimeError(
-            f"{path} was written by {meta.world_size} ranks, this run has {world_size}: the data position and the"
-            " per-rank RNG state cannot be carried over; start a new run_dir (or resume with the same world size)"
+            f"{path} was written by {meta.world_size} ranks, this run has {world_size}: the infinite training stream"
+            " (train.max_steps) is a function of the world size, so its position cannot be carried over; resume with"
+            f" {meta.world_size} ranks, or train by exact epochs (train.epochs), which resume on any number of ranks"
         )
     saved = meta.data_position
     if data_position is None:
@@ -206,16 +213,22 @@ def load_model(path: Path, state: dict[str, Any]) -> None:
     dcp.load(state, checkpoint_id=str(path))
 
 
-def load(path: Path, state: dict[str, Any], data_position: Optional[dict[str, Any]] = None) -> CheckpointMeta:
+def load(
+    path: Path, state: dict[str, Any], data_position: Optional[dict[str, Any]] = None, elastic: bool = False
+) -> CheckpointMeta:
     """Loads a checkpoint in place into ``state`` (the same structure ``save`` got); restores this rank's RNG.
 
-    Refuses (RuntimeError) a checkpoint written by another world size or, when ``data_position`` is given,
-    on another data stream.
+    DCP reshards: the checkpoint may come from another plan or world size (``elastic``), each rank reading the
+    parts of every tensor its own shards hold. The RNG state is restored only on the world size that wrote it.
+    Refuses (RuntimeError) a checkpoint written by another world size unless ``elastic`` or, when
+    ``data_position`` is given, on another data stream.
 
     The caller then passes ``state["model"]`` / ``state["optim"]`` to ``load_state_dict``.
     """
     meta = read_meta(path)
-    check_compatible(path, meta, dist.get_world_size() if dist.is_initialized() else 1, data_position)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_compatible(path, meta, world, data_position, elastic)
     dcp.load(state, checkpoint_id=str(path))
-    set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
+    if meta.world_size == world:
+        set_rng_state(torch.load(path / f"rng_rank{_rank()}.pt", weights_only=False))
     return meta

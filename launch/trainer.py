@@ -27,9 +27,9 @@ from torchrec.distributed.types import ShardingPlan
 from tqdm import tqdm
 
 from datasets.batch import Batch
-from datasets.reader import count_rows, expand_paths, steps_per_epoch, train_loader
-from datasets.schema import DataError
+from datasets.reader import expand_paths, steps_per_epoch, train_loader
 from launch import checkpoint, sharding
+from launch.schedule import Segment, eval_points, resumed_segment, total_steps
 from launch.config import ConfigError, Device, ExperimentConfig, dump_config
 from launch.evaluation import Best, evaluate, max_ranks, spec_task_names, split_config, sum_ranks
 from launch.metrics import MetricOptions
@@ -119,33 +119,6 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def total_steps(cfg: ExperimentConfig, world_size: int) -> int:
-    """The run's optimizer steps: ``epochs * steps_per_epoch`` with ``train.epochs``, else ``train.max_steps``."""
-    if cfg.train.epochs:
-        spe = steps_per_epoch(cfg.data, world_size)
-        if spe < 1:  # what the reader would raise, before training "0 epochs" and reporting success
-            raise DataError(
-                f"{cfg.data.train_paths}: {count_rows(cfg.data.train_paths)} rows give no step per epoch with"
-                f" world_size x batch_size = {world_size} x {cfg.data.batch_size}"
-                + (" and data.drop_last=true" if cfg.data.drop_last else "")
-            )
-        return cfg.train.epochs * spe
-    return cfg.train.max_steps
-
-
-def eval_points(cfg: ExperimentConfig, world_size: int, total: int) -> list[int]:
-    """Steps after which the validation split is evaluated (the last step always is)."""
-    points = {total}
-    if cfg.train.eval_every:
-        points.update(range(cfg.train.eval_every, total, cfg.train.eval_every))
-    if cfg.train.evals_per_epoch and cfg.train.epochs:
-        spe = steps_per_epoch(cfg.data, world_size)
-        for e in range(cfg.train.epochs):
-            for k in range(1, cfg.train.evals_per_epoch + 1):
-                points.add(e * spe + max(1, round(k * spe / cfg.train.evals_per_epoch)))
-    return sorted(p for p in points if 0 < p <= total)
-
-
 class Trainer:
     """One experiment on this rank; the process group must already exist (a world of one for a plain run)."""
 
@@ -168,6 +141,8 @@ class Trainer:
         self.best = Best(metric, mode)
         self.fixes = IdFixCounter([f.name for f in self.schema.id_features])
         self.step = 0
+        self.segment = Segment()  # where the training stream begins (moved on by a resume on another world size)
+        self.samples_seen = 0
         self.steps_run = 0
         self.train_time = 0.0
         self.losses: list[float] = []
@@ -207,9 +182,13 @@ class Trainer:
         if found is not None:
             meta = checkpoint.read_meta(found)
             try:
-                checkpoint.check_compatible(found, meta, self.env.world_size, self.position)
+                checkpoint.check_compatible(found, meta, self.env.world_size, self.position,
+                                            elastic=bool(self.cfg.train.epochs))
             except RuntimeError as e:
                 raise ConfigError(str(e)) from None
+            self.segment = resumed_segment(self.cfg, meta.stream, meta.world_size, meta.step, self.env.world_size)
+            self.total = total_steps(self.cfg, self.env.world_size, self.segment)
+            self.points = eval_points(self.cfg, self.env.world_size, self.total, self.segment)
         return found
 
     def build(self) -> None:
@@ -258,23 +237,33 @@ class Trainer:
             opt.init_state()
             opt.zero_grad(set_to_none=True)
         state = self._state()
-        meta = checkpoint.load(found, state, self.position)  # also restores this rank's RNG state
+        # DCP reshards the tables and optimizer state onto this run's plan; the RNG state too if the world is the same
+        meta = checkpoint.load(found, state, self.position, elastic=bool(self.cfg.train.epochs))
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.step = meta.step
+        self.samples_seen = meta.samples_seen
+        if meta.world_size != self.env.world_size:  # no RNG state of this rank to carry over: a stream of its own
+            torch.manual_seed(self.cfg.train.seed * 1000 + self.env.rank + 1 + 7919 * self.step)
         self.fixes.load_state_dict(meta.id_fixes, self.is_main)
         if meta.best:
             self.best.value, self.best.step = meta.best.get("value"), meta.best.get("step")
         self.history = list(meta.history or [])
         if self.is_main:
             print(f"[train] resumed from {found} at step {self.step}", flush=True)
+            if meta.world_size != self.env.world_size:
+                left = self.segment.start
+                rows = "all" if left.remaining is None else sum(b - a for a, b in left.remaining)
+                print(f"[train] written by {meta.world_size} ranks, resumed on {self.env.world_size}: tables and optimizer"
+                      f" state resharded; epoch {left.epoch} goes on with the {rows} rows no rank had read"
+                      f" ({meta.samples_seen} samples seen), {self.total - self.step} steps to go", flush=True)
 
     def checkpoint(self, best: bool = False) -> None:
         """Writes the latest checkpoint (collective), or the best one into ``<run_dir>/best``."""
-        gbs = self.cfg.data.batch_size * self.env.world_size
         meta = checkpoint.CheckpointMeta(
-            self.step, self.env.world_size, self.step * gbs, self.fixes.state_dict(self.device)["id_fixes"],
+            self.step, self.env.world_size, self.samples_seen, self.fixes.state_dict(self.device)["id_fixes"],
             self.position, best=self.best.state(), history=self.history,
+            stream=self.segment.to_json() if self.cfg.train.epochs else None,
         )
         if best:
             checkpoint.save(self.best_dir, self.step, {"model": self.dmp.state_dict()}, meta, keep=1)
@@ -290,8 +279,9 @@ class Trainer:
         """
         cfg = self.cfg
         epochs = cfg.train.epochs or None
-        loader = train_loader(cfg.data, self.env.rank, self.env.world_size, start_step=self.step,
-                              sequence_caps=self.caps, epochs=epochs)
+        seg = self.segment
+        loader = train_loader(cfg.data, self.env.rank, self.env.world_size, start_step=self.step - seg.base_step,
+                              sequence_caps=self.caps, epochs=epochs, stream_start=seg.start if epochs else None)
         stream = _Counting(itertools.islice(iter(loader), end - self.step), self.fixes)
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, self.device, execute_all_batches=True)
         self.dmp.train()
@@ -303,6 +293,7 @@ class Trainer:
             self.fixes.trained()
             self.step += 1
             self.steps_run += 1
+            self.samples_seen += cfg.data.batch_size * self.env.world_size
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {self.step}")
             self.losses.append(loss_value)
@@ -381,6 +372,7 @@ class Trainer:
             "samples_per_s": gbs * self.steps_run / float(t) if self.steps_run else float("nan"),
             "steps": self.step,
             "steps_this_run": self.steps_run,
+            "samples_seen": self.samples_seen,
             "world_size": self.env.world_size,
             "final_train_loss": self.losses[-1] if self.losses else float("nan"),
             "first_train_loss_this_run": self.losses[0] if self.losses else float("nan"),

@@ -7,7 +7,8 @@ pulls from :func:`datasets.reader.train_loader` (the trainer's stream holds exac
 every training row is trained on exactly once per epoch across ranks, every rank takes ``steps_per_epoch``
 steps per epoch, and ``metrics.json`` says ``steps == 2 * steps_per_epoch``. A run killed mid-epoch (the spy
 kills every rank after the checkpoint at step 7) and run again resumes there, trains the same batches as the
-run that never stopped and ends with its metrics.
+run that never stopped and ends with its metrics. The 2-rank run's checkpoints resume on 1 and on 3 ranks: the
+data position is carried over in rows (every row still once per epoch) and the final checkpoint evaluates the same.
 
 Best checkpoint: with several validation evaluations the best one (by ``eval.best_metric`` /
 ``eval.best_mode``) is the step of ``valid_history``'s best value, ``<run_dir>/best`` holds that step, and the
@@ -45,7 +46,8 @@ EPOCHS = 2
 
 def _install_spy(out_dir: Path, kill_at: int | None) -> None:
     """Wraps ``launch.trainer.train_loader``: every batch the trainer pulls is appended (step index, valid
-    item ids, rows) to ``out_dir/rank<R>.jsonl``; with ``kill_at``, pulling batch ``kill_at`` kills this rank."""
+    item ids, rows) to ``out_dir/rank<R>.jsonl`` (the step counts from the start of the stream: after a resume on
+    another world size, from the resume point); with ``kill_at``, pulling batch ``kill_at`` kills this rank."""
     import launch.trainer as trainer
 
     real = trainer.train_loader
@@ -65,8 +67,9 @@ def _install_spy(out_dir: Path, kill_at: int | None) -> None:
                     f.flush()
                     yield b
 
-    def spied_train_loader(cfg, rank, world_size, start_step=0, sequence_caps=None, epochs=None):
-        loader = real(cfg, rank, world_size, start_step=start_step, sequence_caps=sequence_caps, epochs=epochs)
+    def spied_train_loader(cfg, rank, world_size, start_step=0, sequence_caps=None, epochs=None, stream_start=None):
+        loader = real(cfg, rank, world_size, start_step=start_step, sequence_caps=sequence_caps, epochs=epochs,
+                      stream_start=stream_start)
         return _Spied(loader, rank, start_step)
 
     trainer.train_loader = spied_train_loader
@@ -230,6 +233,62 @@ def test_exact_epochs_killed_mid_epoch_and_resumed_match_uninterrupted(
         assert abs(a["auc"] - b["auc"]) < 1e-6, (a, b)
     assert resumed["best"]["step"] == full["best"]["step"]
     assert resumed["first_train_loss_this_run"] != full["first_train_loss_this_run"]  # it did resume
+
+
+def _copy_checkpoint(src_run: Path, step: int, run_dir: Path) -> None:
+    """``run_dir`` with only checkpoint ``step`` of ``src_run``, as its latest."""
+    name = f"step_{step:08d}"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / name, run_dir / "checkpoints" / name)
+    (run_dir / "checkpoints" / "latest").write_text(name + "\n")
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_two_rank_checkpoint_resumes_on_one_and_three_ranks(
+    world: int, tagged: Path, tmp_path: Path, uninterrupted_w2: tuple[dict, list[list[dict]]]
+) -> None:
+    """The 2-rank run's checkpoint at step 7 (inside epoch 0: 7 x 2 x 16 = 224 of 300 rows read) resumed on
+    ``world`` ranks: the tables and optimizer state are resharded (DCP), epoch 0 goes on with the 76 rows the
+    2 ranks had not read, epoch 1 is a whole epoch on ``world`` ranks: every row once per epoch over both runs.
+    The final checkpoint (step 20) resumed on ``world`` ranks evaluates exactly like the run that wrote it."""
+    from datasets.epochs import StreamStart, stream_after, stream_layouts
+
+    full, full_records = uninterrupted_w2
+    src = Path(full["run_dir"])
+    run_dir = tmp_path / "run"
+    _copy_checkpoint(src, 7, run_dir)
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    proc = _torchrun(world, run_dir, _epoch_overrides(tagged), {SPY_ENV: str(spy)})
+    m = _metrics(proc, run_dir)
+    assert f"written by 2 ranks, resumed on {world}" in proc.stdout and "with the 76 rows no rank had read" in proc.stdout
+    start = stream_after(stream_layouts(ROWS, 2, 1, BATCH, False, EPOCHS), 7, EPOCHS)
+    assert start.epoch == 0 and sum(b - a for a, b in start.remaining) == ROWS - 7 * 2 * BATCH
+    rest = math.ceil((ROWS - 7 * 2 * BATCH) / (world * BATCH))  # 5 steps on 1 rank, 2 on 3
+    spe = math.ceil(ROWS / (world * BATCH))  # 19, 7
+    assert stream_layouts(ROWS, world, 1, BATCH, False, EPOCHS, start)[0][1].steps == rest
+    assert m["world_size"] == world and m["steps"] == 7 + rest + spe and m["steps_this_run"] == rest + spe
+    assert m["samples_seen"] == 7 * 2 * BATCH + (rest + spe) * world * BATCH
+    after = _records(spy, world)
+    for rank_records in after:
+        assert [r["step"] for r in rank_records] == list(range(rest + spe))  # counted from the resume point
+    for epoch in range(EPOCHS):
+        ids = [i for rank_records in full_records for r in rank_records if r["step"] < 7 and r["step"] // 10 == epoch
+               for i in r["ids"]]
+        ids += [i for rank_records in after for r in rank_records if (r["step"] >= rest) == (epoch == 1)
+                for i in r["ids"]]
+        assert sorted(ids) == list(range(1, ROWS + 1)), (epoch, len(ids), len(set(ids)))
+    # Evaluations: the checkpoint's (step 5), then the rest of epoch 0's at the same share of its rows, epoch 1's.
+    expected = {1: [5, 12, 22, 31], 3: [5, 9, 13, 16]}[world]
+    assert [h["step"] for h in m["valid_history"]] == expected
+    assert 0.5 < m["auc"] <= 1.0
+
+    final_dir = tmp_path / "final"
+    _copy_checkpoint(src, EPOCHS * 10, final_dir)
+    final = _metrics(_torchrun(world, final_dir, _epoch_overrides(tagged)), final_dir)
+    assert final["steps"] == EPOCHS * 10 and final["steps_this_run"] == 0
+    for key in ("auc", "gauc", "logloss"):
+        assert abs(final[key] - full[key]) < 1e-6, (key, final[key], full[key])
 
 
 # ------------------------------------------------------------------------------------------ best checkpoint
