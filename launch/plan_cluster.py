@@ -12,8 +12,12 @@ It prints the plan (per table: sharding type, compute kernel, ranks, shard sizes
 rank the planner's storage (HBM, DDR; weights and optimizer state as the planner estimates them) and its cost
 estimate (the sum of the rank's shards' forward + backward + communication estimates, ms per step), and the
 bottleneck rank (the largest estimate); and writes all of it as JSON (``--out``, default
-``<run_dir>/cluster_plan.json``): ``plan`` (the ``plan.json`` format: ``sharding.plan_path`` of a run on that
-cluster can load it), ``ranks``, ``bottleneck_rank``, ``cluster``, ``planning_s``.
+``<run_dir>/cluster_plan.json``): ``plan`` (the ``plan.json`` format, each table's precision stated:
+``sharding.plan_path`` of a run on that cluster can load it), ``tables`` (rows, dim, precision), ``ranks``,
+``bottleneck_rank``, ``cluster``, ``planning_s``.
+
+A table's ``sharding.tables.<key>.precision`` (``fp16``) is applied before planning: the planner sizes its
+shards (and the optimizer state it derives from them) for 2-byte rows.
 
 The planner counts the fused sparse optimizer's state (``optim``) in each shard's storage, as training's does;
 ``optim.sparse=replicated_adam`` makes no plan in training and is refused here.
@@ -39,11 +43,14 @@ import torch
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.types import PlannerError
 
-from launch.config import ConfigError, load_config, validate_experiment
-from launch.plan_files import plan_table, plan_to_json
+from torchrec.distributed.planner import Topology
+
+from launch.config import ConfigError, ExperimentConfig, load_config, validate_experiment
+from launch.plan_files import check_plan, plan_from_json, plan_precisions, plan_table, plan_to_json, precision_name
 from launch.optim import apply_sparse_optimizers, replicated
-from launch.planning import _check_supported, check_plan, cluster_topology, merge_constraints, plan_from_json
-from launch.sharders import build_sharders, embedding_tables
+from launch.planning import ShardingConfig, cluster_topology, prepare_tables
+from launch.sharders import build_sharders
+from models.registry import ModelSpec
 
 
 def _set_rows(schema: Any, table_rows: Sequence[str]) -> Any:
@@ -87,6 +94,74 @@ def rank_report(options: Sequence[Any], world_size: int) -> list[dict[str, Any]]
     return ranks
 
 
+def plan_estimates(cfg: ExperimentConfig, spec: ModelSpec, topology: Topology,
+                   sharding: Optional[ShardingConfig] = None) -> dict[str, Any]:
+    """Plans ``cfg``'s model on meta for ``topology`` with torchrec's planner, as training plans it (the fused
+    sparse optimizers and the tables' precisions applied first, the same constraints), and reports the
+    planner's estimates: the report of the module docstring without ``cluster`` / ``run_dir``.
+
+    Args:
+        sharding: the sharding section to plan with (default ``cfg.sharding``; ``launch.plan_compare`` passes
+            each candidate's).
+
+    Raises:
+        ConfigError: replicated tables, bad constraints, no plan that fits (or a pinned plan that does not).
+    """
+    sharding = sharding if sharding is not None else cfg.sharding
+    model = spec.build_train_module(spec.build(cfg.model, cfg.data.schema, torch.device("meta")), cfg.model)
+    # As training does: the fused sparse optimizers first, so that the planner counts their state per shard.
+    settings = apply_sparse_optimizers(model, cfg.optim)
+    if replicated(cfg.optim, settings):
+        raise ConfigError(
+            "optim.sparse=replicated_adam replicates every table on every rank (training makes no sharding plan);"
+            " plan with a fused sparse optimizer instead, e.g. optim.sparse=adam (cuda) or rowwise_adagrad"
+        )
+    sharders = build_sharders()
+    try:
+        tables, constraints = prepare_tables(model, sharding, spec.default_constraints(cfg.model, cfg.data.schema),
+                                             sharders, topology.compute_device)
+    except ValueError as e:
+        raise ConfigError(f"sharding: {e}") from None
+    options: Optional[list[Any]] = None
+    start = time.perf_counter()
+    if sharding.plan_path is not None:
+        path = str(sharding.plan_path)
+        loaded = json.loads(Path(path).read_text())
+        sharding_plan = plan_from_json(loaded)
+        try:
+            check_plan(sharding_plan, tables, topology, constraints, source=path, precisions=plan_precisions(loaded))
+        except ValueError as e:
+            raise ConfigError(f"sharding.plan_path does not fit this cluster: {e}") from None
+    else:
+        planner = EmbeddingShardingPlanner(topology=topology, batch_size=sharding.batch_size,
+                                           constraints=constraints)
+        try:
+            sharding_plan = planner.plan(model, sharders)
+        except PlannerError as e:
+            storage, gib = topology.devices[0].storage, 1024**3
+            raise ConfigError(
+                f"no sharding plan fits the cluster ({topology.world_size} {topology.compute_device} ranks,"
+                f" {storage.hbm / gib:.3g} GiB HBM and {storage.ddr / gib:.3g} GiB DDR per rank):"
+                f" {str(e).splitlines()[0]}"
+            ) from None
+        # The chosen options carry the planner's per-shard storage and cost estimates (what torchrec's own
+        # EmbeddingStats prints); the ShardingPlan keeps only placements.
+        options = planner._best_plan  # noqa: SLF001
+    seconds = time.perf_counter() - start
+    ranks = rank_report(options, topology.world_size) if options is not None else []
+    bottleneck = max(ranks, key=lambda r: r["cost_ms"])["rank"] if ranks else None
+    return {
+        "model": spec.name,
+        "tables": {name: {"rows": t.rows, "dim": t.dim, "precision": precision_name(t)} for name, t in tables.items()},
+        "planning_s": seconds,
+        "planned": options is not None,
+        "ranks": ranks,
+        "bottleneck_rank": bottleneck,
+        "plan": plan_to_json(sharding_plan, tables),
+        "plan_text": plan_table(sharding_plan, tables),
+    }
+
+
 def plan_cluster(config: Path, overrides: Sequence[str], table_rows: Sequence[str]) -> dict[str, Any]:
     """Plans ``config``'s model for its ``sharding.cluster``; returns the report (module docstring).
 
@@ -102,55 +177,8 @@ def plan_cluster(config: Path, overrides: Sequence[str], table_rows: Sequence[st
         raise ConfigError(str(e)) from None
     # Checked for the cluster's device (the fused optimizers differ: adam exists on cuda only), not this machine's.
     validate_experiment(cfg, spec, plan_device=cluster.device)
-    topology = cluster_topology(cluster)
-    model = spec.build_train_module(spec.build(cfg.model, cfg.data.schema, torch.device("meta")), cfg.model)
-    # As training does: the fused sparse optimizers first, so that the planner counts their state per shard.
-    settings = apply_sparse_optimizers(model, cfg.optim)
-    if replicated(cfg.optim, settings):
-        raise ConfigError(
-            "optim.sparse=replicated_adam replicates every table on every rank (training makes no sharding plan);"
-            " plan with a fused sparse optimizer instead, e.g. optim.sparse=adam (cuda) or rowwise_adagrad"
-        )
-    tables = embedding_tables(model)
-    constraints = merge_constraints(spec.default_constraints(cfg.model, cfg.data.schema), cfg.sharding, tables)
-    _check_supported(constraints, tables, build_sharders(), topology.compute_device)
-    options: Optional[list[Any]] = None
-    start = time.perf_counter()
-    if cfg.sharding.plan_path is not None:
-        path = str(cfg.sharding.plan_path)
-        sharding_plan = plan_from_json(json.loads(Path(path).read_text()))
-        try:
-            check_plan(sharding_plan, tables, topology, constraints, source=path)
-        except ValueError as e:
-            raise ConfigError(f"sharding.plan_path does not fit this cluster: {e}") from None
-    else:
-        planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.sharding.batch_size,
-                                           constraints=constraints)
-        try:
-            sharding_plan = planner.plan(model, build_sharders())
-        except PlannerError as e:
-            raise ConfigError(
-                f"no sharding plan fits the cluster (world_size {cluster.world_size}, {cluster.device}, hbm_gib"
-                f" {cluster.hbm_gib}, ddr_gib {cluster.ddr_gib}): {str(e).splitlines()[0]}"
-            ) from None
-        # The chosen options carry the planner's per-shard storage and cost estimates (what torchrec's own
-        # EmbeddingStats prints); the ShardingPlan keeps only placements.
-        options = planner._best_plan  # noqa: SLF001
-    seconds = time.perf_counter() - start
-    ranks = rank_report(options, cluster.world_size) if options is not None else []
-    bottleneck = max(ranks, key=lambda r: r["cost_ms"])["rank"] if ranks else None
-    return {
-        "model": spec.name,
-        "cluster": dataclasses.asdict(cluster),
-        "tables": {name: {"rows": t.rows, "dim": t.dim} for name, t in tables.items()},
-        "planning_s": seconds,
-        "planned": options is not None,
-        "ranks": ranks,
-        "bottleneck_rank": bottleneck,
-        "plan": plan_to_json(sharding_plan),
-        "plan_text": plan_table(sharding_plan, tables),
-        "run_dir": str(cfg.run_dir),
-    }
+    report = plan_estimates(cfg, spec, cluster_topology(cluster))
+    return {**report, "cluster": dataclasses.asdict(cluster), "run_dir": str(cfg.run_dir)}
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -15,6 +15,12 @@ names) and the experiment's ``sharding`` section (:class:`ShardingConfig`), whic
 A table takes the entry of its exact name if there is one, else the first glob (in config order) that
 matches its name, else none; one entry applies per table (entries are not merged with each other). Every key
 must select at least one table: one that selects none fails before training and lists the model's tables.
+
+An entry's ``precision`` (``fp32``, ``fp16``) sets the data type of the rows of the tables it selects:
+:func:`plan` applies it to the model's table configs and weights (:func:`apply_precisions`) before planning,
+so the planner sizes the shards for it and DMP allocates them in it; ``int8`` is refused (torchrec trains
+fp32 / fp16 tables; int8 tables are inference-only, ``torchrec.quant``). ``sharding.candidates`` holds named
+alternatives to ``sharding.tables`` for ``python -m launch.plan_compare`` (training ignores them).
 """
 
 from __future__ import annotations
@@ -30,15 +36,11 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import (
-    CacheParams,
-    EmbeddingModuleShardingPlan,
-    ModuleSharder,
-    ShardingPlan,
-    ShardingType,
-)
+from torchrec.distributed.types import CacheParams, ModuleSharder, ShardingPlan
+from torchrec.types import DataType
 
-from launch.plan_files import plan_from_json, shard_metadata
+from launch.plan_files import PRECISION_BYTES, check_plan, plan_from_json, plan_precisions
+from launch.precision import apply_precisions, data_types
 from launch.sharders import COMPUTE_KERNELS, SHARDING_TYPES, TableMeta, check_names, embedding_tables, sharder_for
 
 if TYPE_CHECKING:
@@ -62,6 +64,10 @@ class TableShardingConfig:
             table's rows the HBM cache holds (torchrec's ``CacheParams.load_factor``; None = torchrec's 0.2).
         pooling_factors: expected ids per row and feature of the table (the planner's cost model; None =
             torchrec's 1.0); long behaviour sequences look up hundreds per row.
+        precision: data type of the table's rows, ``fp32`` or ``fp16`` (None = the table's own, fp32); fp16
+            halves the weights (the planner's storage, the shards DMP allocates); fbgemm's kernels update the
+            rows in fp16 with stochastic rounding and return fp32 embeddings. ``int8`` is refused (training
+            does not support it).
     """
 
     sharding_types: list[str] = field(default_factory=list)
@@ -69,6 +75,19 @@ class TableShardingConfig:
     min_partition: Optional[int] = None
     cache_load_factor: Optional[float] = None
     pooling_factors: list[float] = field(default_factory=list)
+    precision: Optional[str] = None
+
+
+@dataclass
+class ShardingCandidate:
+    """One named alternative of ``sharding.candidates`` (``python -m launch.plan_compare``).
+
+    Attributes:
+        tables: entries that replace the ``sharding.tables`` entries of the same key (whole entries, not
+            field by field) and add the others; the base's other entries stay.
+    """
+
+    tables: dict[str, TableShardingConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,6 +151,8 @@ class ShardingConfig:
             ignored on CPU, which has no HBM).
         ddr_cap: bytes of host memory per rank the planner may use (None = torchrec's default).
         cluster: the target cluster of ``python -m launch.plan_cluster`` (dry-run planning; training ignores it).
+        candidates: named alternatives to ``tables`` that ``python -m launch.plan_compare`` plans side by side
+            (:class:`ShardingCandidate`; training ignores them).
     """
 
     tables: dict[str, TableShardingConfig] = field(default_factory=dict)
@@ -141,28 +162,38 @@ class ShardingConfig:
     hbm_cap: Optional[int] = None
     ddr_cap: Optional[int] = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    candidates: dict[str, ShardingCandidate] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Checks sharding type and kernel names and numeric fields (not table keys: see select_tables).
+        """Checks sharding type, kernel and precision names and numeric fields, of ``tables`` and of every
+        candidate's (not table keys: see select_tables).
 
         Raises:
             ValueError: naming the bad entry and listing the valid values.
         """
         check_names("sharding.default_sharding_types", self.default_sharding_types, SHARDING_TYPES, "sharding type")
-        for key, t in self.tables.items():
-            check_names(f"sharding.tables.{key}.sharding_types", t.sharding_types, SHARDING_TYPES, "sharding type")
-            check_names(f"sharding.tables.{key}.compute_kernels", t.compute_kernels, COMPUTE_KERNELS, "compute kernel")
-            if t.min_partition is not None and t.min_partition <= 0:
-                raise ValueError(f"sharding.tables.{key}.min_partition must be > 0, got {t.min_partition}")
-            if t.cache_load_factor is not None and not 0 < t.cache_load_factor <= 1:
-                raise ValueError(f"sharding.tables.{key}.cache_load_factor must be in (0, 1], got {t.cache_load_factor}")
-            if any(p <= 0 for p in t.pooling_factors):
-                raise ValueError(f"sharding.tables.{key}.pooling_factors must be > 0, got {list(t.pooling_factors)}")
+        _check_entries("sharding.tables", self.tables)
+        for name, candidate in self.candidates.items():
+            _check_entries(f"sharding.candidates.{name}.tables", candidate.tables)
         for name in ("batch_size", "hbm_cap", "ddr_cap"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"sharding.{name} must be > 0 (or null for torchrec's default), got {v}")
         self.cluster.validate()
+
+
+def _check_entries(where: str, tables: Mapping[str, TableShardingConfig]) -> None:
+    for key, t in tables.items():
+        check_names(f"{where}.{key}.sharding_types", t.sharding_types, SHARDING_TYPES, "sharding type")
+        check_names(f"{where}.{key}.compute_kernels", t.compute_kernels, COMPUTE_KERNELS, "compute kernel")
+        if t.precision is not None:
+            check_names(f"{where}.{key}.precision", [t.precision], tuple(PRECISION_BYTES), "precision")
+        if t.min_partition is not None and t.min_partition <= 0:
+            raise ValueError(f"{where}.{key}.min_partition must be > 0, got {t.min_partition}")
+        if t.cache_load_factor is not None and not 0 < t.cache_load_factor <= 1:
+            raise ValueError(f"{where}.{key}.cache_load_factor must be in (0, 1], got {t.cache_load_factor}")
+        if any(p <= 0 for p in t.pooling_factors):
+            raise ValueError(f"{where}.{key}.pooling_factors must be > 0, got {list(t.pooling_factors)}")
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
@@ -239,6 +270,7 @@ def merge_constraints(
     for table, c in model_defaults.items():
         check_names(f"default constraint of {table}", c.sharding_types, SHARDING_TYPES, "sharding type")
         check_names(f"default constraint of {table}", c.compute_kernels, COMPUTE_KERNELS, "compute kernel")
+    table_precisions(cfg, names)  # refuses int8 before anything is planned
 
     out: dict[str, ParameterConstraints] = {}
     for table in names:
@@ -270,6 +302,36 @@ def merge_constraints(
                 **kw,
             )
     return out
+
+
+def table_precisions(cfg: ShardingConfig, tables: Iterable[str]) -> dict[str, DataType]:
+    """The data type ``sharding.tables`` sets for each table it gives a ``precision`` (table -> DataType).
+
+    Raises:
+        ValueError: a precision torchrec cannot train (``int8``), naming the key and its tables.
+    """
+    selected = select_tables(cfg.tables, list(tables))
+    return data_types(selected, {k: e.precision for k, e in cfg.tables.items()})
+
+
+def prepare_tables(
+    model: nn.Module,
+    cfg: ShardingConfig,
+    model_defaults: Mapping[str, "TableConstraint"],
+    sharders: list[ModuleSharder[nn.Module]],
+    device_type: str,
+) -> tuple[dict[str, TableMeta], dict[str, ParameterConstraints]]:
+    """The tables and constraints to plan ``model`` with: constraints merged (:func:`merge_constraints`) and
+    checked against the sharders, the tables' precisions applied (:func:`apply_precisions`).
+
+    Raises:
+        ValueError: as :func:`merge_constraints`, or a constraint the sharders cannot meet on ``device_type``.
+    """
+    tables = embedding_tables(model)
+    constraints = merge_constraints(model_defaults, cfg, tables)
+    _check_supported(constraints, tables, sharders, device_type)
+    apply_precisions(model, table_precisions(cfg, tables))
+    return embedding_tables(model), constraints
 
 
 def _check_supported(
@@ -367,7 +429,9 @@ def plan(
 
     One planner plans every collection of the model together (several sub-models' tables included). With a
     process group (``pg``, or the default group when initialised) rank 0 plans / reads the file and
-    broadcasts, so every rank gets the same plan; without one the plan is made locally.
+    broadcasts, so every rank gets the same plan; without one the plan is made locally. The tables'
+    ``precision`` is applied to ``model`` first (in place, :func:`apply_precisions`); a loaded plan that
+    states another precision for a table is refused.
 
     Args:
         model: the (meta-device) train module to shard.
@@ -381,15 +445,14 @@ def plan(
         ValueError: bad constraints (see :func:`merge_constraints`), a constraint the sharders cannot meet,
             or a loaded plan that does not fit the model, the topology or the constraints.
     """
-    tables = embedding_tables(model)
-    constraints = merge_constraints(model_defaults, cfg, tables)
-    _check_supported(constraints, tables, sharders, topology.compute_device)
+    tables, constraints = prepare_tables(model, cfg, model_defaults, sharders, topology.compute_device)
     if pg is None and dist.is_initialized():
         pg = dist.GroupMember.WORLD
     if cfg.plan_path is not None:
         loaded = _broadcast_json(pg, lambda: json.loads(Path(str(cfg.plan_path)).read_text()))
         result = plan_from_json(loaded)
-        check_plan(result, tables, topology, constraints, source=str(cfg.plan_path))
+        check_plan(result, tables, topology, constraints, source=str(cfg.plan_path),
+                   precisions=plan_precisions(loaded))
         return result
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=cfg.batch_size, constraints=constraints)
     if pg is not None:
@@ -415,81 +478,3 @@ def _broadcast_json(pg: Optional[dist.ProcessGroup], read: Any) -> Any:
     if status == "error":
         raise ValueError(f"cannot read the sharding plan (sharding.plan_path): {value}")
     return value
-
-
-def _ranks_text(ranks: list[int]) -> str:
-    return f"{ranks[0]}..{ranks[-1]} ({len(ranks)} ranks)" if len(ranks) > 8 else str(ranks)
-
-
-def check_plan(
-    sharding_plan: ShardingPlan,
-    tables: Mapping[str, TableMeta],
-    topology: Topology,
-    constraints: Optional[Mapping[str, ParameterConstraints]] = None,
-    source: str = "plan",
-) -> None:
-    """Checks that a (loaded) plan shards exactly the model's tables, tiles each one, fits the topology and
-    meets the constraints.
-
-    Raises:
-        ValueError: describing every mismatch found.
-    """
-    problems: list[str] = []
-    seen: set[str] = set()
-    for module_path, module_plan in sharding_plan.plan.items():
-        if not isinstance(module_plan, EmbeddingModuleShardingPlan):
-            problems.append(f"module {module_path!r}: not an embedding module plan ({type(module_plan).__name__})")
-            continue
-        for table, ps in module_plan.items():
-            seen.add(table)
-            meta = tables.get(table)
-            if meta is None:
-                problems.append(f"{module_path}.{table}: the model has no such table")
-                continue
-            if meta.module_path != module_path:
-                problems.append(
-                    f"{table}: planned under module {module_path!r}, the model has it in {meta.module_path!r}"
-                )
-            ranks = list(ps.ranks or [])
-            if any(r < 0 or r >= topology.world_size for r in ranks):
-                problems.append(f"{table}: ranks {ranks} outside world size {topology.world_size}")
-            elif ps.sharding_type == ShardingType.ROW_WISE.value and ranks != list(range(topology.world_size)):
-                # torchrec's row-wise sharding buckets ids over every rank of the world, shard r on rank r.
-                problems.append(
-                    f"{table}: row_wise over ranks {_ranks_text(ranks)}; row-wise needs shard r on rank r for each"
-                    f" of the {topology.world_size} ranks, in order"
-                )
-            c = (constraints or {}).get(table)
-            if c is not None and c.sharding_types and ps.sharding_type not in c.sharding_types:
-                problems.append(
-                    f"{table}: sharding type {ps.sharding_type!r} is not among the allowed {c.sharding_types}"
-                )
-            if c is not None and c.compute_kernels and ps.compute_kernel not in c.compute_kernels:
-                problems.append(
-                    f"{table}: compute kernel {ps.compute_kernel!r} is not among the allowed {c.compute_kernels}"
-                )
-            shards = shard_metadata(ps)
-            if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
-                continue
-            if not shards:
-                problems.append(f"{table}: {ps.sharding_type} without shard metadata")
-                continue
-            area = 0
-            for s in shards:
-                (r0, c0), (nr, nc) = s.shard_offsets, s.shard_sizes
-                if r0 < 0 or c0 < 0 or r0 + nr > meta.rows or c0 + nc > meta.dim:
-                    problems.append(
-                        f"{table}: shard at {s.shard_offsets} of size {s.shard_sizes} exceeds the table's"
-                        f" [{meta.rows}, {meta.dim}]"
-                    )
-                area += nr * nc
-                placement = s.placement
-                if placement is not None and placement.device().type != topology.compute_device:
-                    problems.append(f"{table}: shard placed on {placement}, the topology is {topology.compute_device}")
-            if area != meta.rows * meta.dim:
-                problems.append(f"{table}: shards cover {area} elements, the table has {meta.rows} x {meta.dim}")
-    missing = [t for t in tables if t not in seen]
-    if missing:
-        problems.append(f"tables of the model missing from the plan: {missing}")
-    if problems:
-        raise ValueError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))

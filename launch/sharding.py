@@ -10,11 +10,12 @@ This module is the one import of the sharding layer (``from launch import shardi
 * :mod:`launch.sharders`: the model's tables (:func:`embedding_tables`), the sharders, :func:`shard_model`;
 * :mod:`launch.planning`: the ``sharding`` config (:class:`ShardingConfig`), table keys
   (:func:`select_tables`: exact name, else the first matching glob), :func:`merge_constraints`,
-  :func:`build_topology`, :func:`plan`, :func:`check_plan`;
+  :func:`build_topology`, :func:`plan`;
+* :mod:`launch.precision`: per-table precision (fp32 / fp16; int8 refused), :func:`apply_precisions`;
 * :mod:`launch.plan_files`: ``plan.json`` (:func:`plan_to_json` / :func:`plan_from_json`), ``plan.txt``
-  (:func:`plan_table`), :func:`write_plan`.
+  (:func:`plan_table`), :func:`write_plan`, :func:`check_plan` (a loaded plan against the model).
 
-Imports run one way: ``sharders <- plan_files <- planning <- sharding``.
+Imports run one way: ``sharders <- plan_files, precision <- planning <- sharding``.
 """
 
 from launch.plan_files import plan_from_json, plan_table, plan_to_json, shard_metadata, write_plan

@@ -274,8 +274,8 @@ def test_cotrained_tables_of_one_feature_are_planned_apart() -> None:
     assert (d["b"]["t_item_id__b"]["table"], d["b"]["t_item_id__b"]["role"]) == ("item_id", "b")
     assert plan_from_json(d) == p
     lines = plan_table(p, tables).splitlines()
-    assert next(line for line in lines if " t_item_id__b " in line).split()[:7] == [
-        "b", "t_item_id__b", "item_id", "b", "21", "8", "column_wise"
+    assert next(line for line in lines if " t_item_id__b " in line).split()[:8] == [
+        "b", "t_item_id__b", "item_id", "b", "21", "8", "fp32", "column_wise"
     ]
 
 
@@ -446,16 +446,18 @@ def test_plan_table_text() -> None:
     text = plan_table(p, embedding_tables(_meta_model()))
     lines = text.splitlines()
     assert lines[0].split() == [
-        "module", "name", "table", "role", "rows", "dim", "sharding", "kernel", "ranks", "shards", "bytes/rank"
+        "module", "name", "table", "role", "rows", "dim", "dtype", "sharding", "kernel", "ranks", "shards",
+        "bytes/rank",
     ]
     item = next(line for line in lines if " t_item " in line).split()
     assert item == [
-        "model.ec", "t_item", "item", "-", "21", "8", "row_wise", "fused", "0,1", "0:11x8", "1:10x8", "0:352", "1:320"
+        "model.ec", "t_item", "item", "-", "21", "8", "fp32", "row_wise", "fused", "0,1", "0:11x8", "1:10x8", "0:352",
+        "1:320",
     ]
     user = next(line for line in lines if " t_user " in line).split()
-    assert user[:9] == ["model.ebc", "t_user", "user", "-", "15", "8", "data_parallel", "dense", "0,1"]
-    assert user[9:] == ["all:15x8", "0:480", "1:480"]  # a replica on each rank
-    category_rank = next(line for line in lines if " t_category " in line).split()[8]
+    assert user[:10] == ["model.ebc", "t_user", "user", "-", "15", "8", "fp32", "data_parallel", "dense", "0,1"]
+    assert user[10:] == ["all:15x8", "0:480", "1:480"]  # a replica on each rank
+    category_rank = next(line for line in lines if " t_category " in line).split()[9]
     total = lines[-1].split()
     per_rank = {0: 352 + 480, 1: 320 + 480}
     per_rank[int(category_rank)] += 12 * 8 * 4
