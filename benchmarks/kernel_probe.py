@@ -5,7 +5,8 @@
 bags, :class:`benchmarks.kernel_study.BagLookup`) through the project's planner, with a sharder that offers
 every kernel (torchrec's CPU sharders offer only ``fused``, and ``dense`` data-parallel), plus fused Adam and
 ``ec``'s dense kernel placed table-wise by hand (the planner refuses it). A probe that gets through one
-forward and backward with the rows of the right shape counts as running. Used by
+forward and backward with the rows of the right shape counts as running; its fbgemm ops are compared with
+the ``fused`` kernel's. Used by
 ``benchmarks/kernel_study.py``; run alone it prints the list::
 
     .venv/bin/python benchmarks/kernel_probe.py
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,6 +34,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
 from benchmarks.embedding_lookup import FEATURES, SequenceLookup  # noqa: E402
+from benchmarks.kernel_study import OPTIMIZERS, BagLookup  # noqa: E402
 from launch.sharders import CpuEmbeddingBagCollectionSharder, ZooEmbeddingCollectionSharder  # noqa: E402
 from launch.sharding import (  # noqa: E402
     ShardingConfig,
@@ -72,10 +75,10 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}{where}"
 
 
-def _try(module: str, kernel: str, optimizer: str, manual: bool, rows: int, dim: int) -> tuple[str, str] | None:
-    """(where it failed, error) or None when one forward and backward ran with rows of the right shape."""
-    from benchmarks.kernel_study import OPTIMIZERS, BagLookup  # noqa: PLC0415  (kernel_study imports this module)
-
+def _try(module: str, kernel: str, optimizer: str, manual: bool, rows: int, dim: int
+         ) -> tuple[str, str] | frozenset[str]:
+    """(where it failed, error), or the fbgemm ops of one forward and backward that ran with rows of the right
+    shape."""
     table_rows = {f: rows for f in FEATURES}
     model: nn.Module = (SequenceLookup if module == "ec" else BagLookup)(table_rows, dim, torch.device("meta"))
     cls, kwargs = OPTIMIZERS[optimizer]
@@ -101,32 +104,39 @@ def _try(module: str, kernel: str, optimizer: str, manual: bool, rows: int, dim:
         n = 16
         kjt = KeyedJaggedTensor.from_lengths_sync(keys=list(FEATURES), values=torch.arange(2 * n) % rows,
                                                   lengths=torch.full((2 * n // 4,), 4, dtype=torch.int32))
-        out = dmp(kjt)
-        values: list[torch.Tensor] = [out[f].values() for f in FEATURES] if module == "ec" else [out]
-        want = [(n, dim)] * 2 if module == "ec" else [(n, 2 * dim)]
-        if [tuple(v.shape) for v in values] != want:
-            return stage, f"wrong output: rows {[tuple(v.shape) for v in values]}, expected {want}"
-        stage = "backward"
-        torch.autograd.backward(values, [torch.ones_like(v) for v in values])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = dmp(kjt)
+            values: list[torch.Tensor] = [out[f].values() for f in FEATURES] if module == "ec" else [out]
+            want = [(n, dim)] * 2 if module == "ec" else [(n, 2 * dim)]
+            if [tuple(v.shape) for v in values] != want:
+                return stage, f"wrong output: rows {[tuple(v.shape) for v in values]}, expected {want}"
+            stage = "backward"
+            torch.autograd.backward(values, [torch.ones_like(v) for v in values])
     except Exception as e:  # noqa: BLE001  (reported, not handled)
         return stage, _first_line(e)
-    return None
+    return frozenset(e.key for e in prof.key_averages() if e.key.startswith("fbgemm::"))
 
 
 def probe(dim: int = 8, rows: int = 100) -> list[dict[str, str]]:
-    """Every combination outside the sweep: ``{"variant", "planner", "by_hand"}``, each ``runs`` or
-    ``<stage>: <error>``; ``by_hand`` (a table-wise plan made without the planner) only where the planner failed.
+    """Every combination outside the sweep: ``{"variant", "planner", "by_hand"}``, each ``<stage>: <error>`` or
+    ``runs`` (with ``, same fbgemm ops as fused`` when its forward and backward called exactly the ops of the
+    ``fused`` kernel); ``by_hand`` (a table-wise plan made without the planner) only where the planner failed.
     """
     cases = [("ec", "fused", "adam"), ("bags", "fused", "adam"), ("ec", "dense", "sgd")]
     cases += [(m, k, "sgd") for m in ("ec", "bags") for k in ALL_KERNELS if k not in ("fused", "dense")]
+    fused_ops = {m: _try(m, "fused", "sgd", False, rows, dim) for m in ("ec", "bags")}
+
+    def said(got: tuple[str, str] | frozenset[str], module: str) -> str:
+        if isinstance(got, tuple):
+            return ": ".join(got)
+        return "runs, same fbgemm ops as fused" if got == fused_ops[module] else f"runs ({sorted(got)})"
+
     out = []
     for module, kernel, optimizer in cases:
         got = _try(module, kernel, optimizer, False, rows, dim)
-        row = {"variant": f"{module}/{kernel}/{optimizer}", "planner": "runs" if got is None else ": ".join(got),
-               "by_hand": "-"}
-        if got is not None and got[0] == "plan":
-            by_hand = _try(module, kernel, optimizer, True, rows, dim)
-            row["by_hand"] = "runs" if by_hand is None else ": ".join(by_hand)
+        row = {"variant": f"{module}/{kernel}/{optimizer}", "planner": said(got, module), "by_hand": "-"}
+        if isinstance(got, tuple) and got[0] == "plan":
+            row["by_hand"] = said(_try(module, kernel, optimizer, True, rows, dim), module)
         out.append(row)
     return out
 

@@ -285,7 +285,7 @@ def sweep(s: Study, rank: int) -> list[dict[str, Any]]:
 
 def probe_failures(dim: int = 8) -> list[dict[str, str]]:
     """Every other (module, kernel, optimizer) on tiny tables at 1 rank: the ones that fail, with the error."""
-    from benchmarks.kernel_probe import probe  # noqa: PLC0415  (kept apart: it bypasses the planner)
+    from benchmarks.kernel_probe import probe  # noqa: PLC0415  (kernel_probe imports this module)
 
     return probe(dim)
 
@@ -424,9 +424,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         points += run(s2, 2)["points"]
     print(f"kernel study: t_hist_item_id rows x {s.dim} (+ rows/10 x {s.dim}), seq len {s.seq_len}; {s.repeats} "
           f"timed steps after {s.warmup}; 1 thread per rank, {os.cpu_count()} cores; {time.perf_counter() - t0:.0f} s")
-    print(report(points, failures))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"study": asdict(s), "points": points, "failures": failures}, indent=1))
+    print(report(points, failures))
     return points
 
 
