@@ -8,7 +8,8 @@ sequence is in a fixed random half of the rows). The same weights (tables and he
 tables after sharding) and the same batches train once through an ``EmbeddingCollection`` (``ec``) and once
 through an ``EmbeddingBagCollection`` of one-id bags (``bags``), the tables' optimizer fused into the
 backward, the head trained by torch SGD. Reported per optimizer: the largest difference of the per-step losses,
-the loss at the start and the end, and the largest difference of the tables' weights after the last step.
+the loss at the start and the end, the largest difference of the tables' weights after the last step and how
+many rows training changed.
 
 Run from the repository root::
 
@@ -97,6 +98,13 @@ def batches(table_rows: dict[str, int], b: int, seq_len: int, steps: int, seed: 
     return out
 
 
+def initial_weights(table_rows: dict[str, int], dim: int, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The tables ``{t_<feature>: [rows, D]}`` and the head's weight ``[1, F x D]`` both runs start from."""
+    g = torch.Generator().manual_seed(seed)
+    tables = {f"t_{f}": torch.rand(n, dim, generator=g) * 0.2 - 0.1 for f, n in table_rows.items()}
+    return tables, torch.rand(1, len(table_rows) * dim, generator=g) * 0.2 - 0.1
+
+
 def train(module: str, optimizer: str, table_rows: dict[str, int], dim: int, b: int, seq_len: int, steps: int,
           sharding: str = "table_wise", seed: int = 0) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Trains :class:`ParityModel` on the default group; returns the per-step losses (all ranks' mean) and
@@ -104,14 +112,14 @@ def train(module: str, optimizer: str, table_rows: dict[str, int], dim: int, b: 
     cls, kwargs = OPTIMIZERS[optimizer]
     model = ParityModel(module, table_rows, dim, seq_len)
     apply_optimizer_in_backward(cls, embedding_parameters(model), dict(kwargs))
-    cfg = ShardingConfig(tables={f"t_{f}": TableShardingConfig([sharding], ["fused"]) for f in table_rows},
-                         batch_size=b)
+    constraint = TableShardingConfig(sharding_types=[sharding], compute_kernels=["fused"])
+    cfg = ShardingConfig(tables={f"t_{f}": constraint for f in table_rows}, batch_size=b)
     world, device = dist.get_world_size(), torch.device("cpu")
     sharders = build_sharders()
-    dmp = shard_model(model, plan(model, cfg, {}, build_topology(world, world, device, cfg), sharders), sharders, device)
-    g = torch.Generator().manual_seed(seed)
-    init = {f"t_{f}": torch.rand(n, dim, generator=g) * 0.2 - 0.1 for f, n in table_rows.items()}
-    head_w, head_b = torch.rand(1, len(table_rows) * dim, generator=g) * 0.2 - 0.1, torch.zeros(1)
+    sharding_plan = plan(model, cfg, {}, build_topology(world, world, device, cfg), sharders)
+    dmp = shard_model(model, sharding_plan, sharders, device)
+    init, head_w = initial_weights(table_rows, dim, seed)
+    head_b = torch.zeros(1)
     with torch.no_grad():
         for name, shard in dmp.state_dict().items():
             table = name.split(".")[-2]
@@ -154,7 +162,10 @@ def compare(rank: int, world: int, optimizers: Sequence[str], steps: int, rows: 
         l_bags, w_bags = train("bags", opt, table_rows, dim, b, seq_len, steps, sharding)
         diff = max(abs(a - c) for a, c in zip(l_ec, l_bags))
         w_diff = max(float((w_ec[t] - w_bags[t]).abs().max()) for t in w_ec) if rank == 0 else float("nan")
+        init, _ = initial_weights(table_rows, dim, 0)
+        updated = sum(int((w_ec[t] != init[t]).any(dim=1).sum()) for t in w_ec) if rank == 0 else -1
         out.append({"optimizer": opt, "ranks": world, "steps": steps, "loss_diff": diff, "weight_diff": w_diff,
+                    "rows_updated": updated,
                     "loss_first": l_ec[0], "loss_last": sum(l_ec[-10:]) / len(l_ec[-10:]),
                     "loss_last_bags": sum(l_bags[-10:]) / len(l_bags[-10:])})
     return out
@@ -194,10 +205,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"ec vs bags: {args.steps} steps, {args.batch} x {args.seq_len} ids per feature per rank, tables "
           f"{args.rows} / {max(1, args.rows // 10)} x {args.dim}, {args.ranks} rank(s) {sharding}")
     print(f"{'optimizer':<16} {'max |loss diff|':>16} {'max |weight diff|':>18} {'loss first':>11} "
-          f"{'loss last 10 (ec)':>18} {'(bags)':>8}")
+          f"{'loss last 10 (ec)':>18} {'(bags)':>8} {'rows updated':>13}")
     for r in res:
         print(f"{r['optimizer']:<16} {r['loss_diff']:>16.2e} {r['weight_diff']:>18.2e} {r['loss_first']:>11.4f} "
-              f"{r['loss_last']:>18.4f} {r['loss_last_bags']:>8.4f}")
+              f"{r['loss_last']:>18.4f} {r['loss_last_bags']:>8.4f} {r['rows_updated']:>13}")
     return res
 
 

@@ -95,8 +95,8 @@ def _try(module: str, kernel: str, optimizer: str, manual: bool, rows: int, dim:
                                                       world_size=1, device_type="cpu")
             sharding_plan = ShardingPlan({"ec" if module == "ec" else "ebc": mod_plan})
         else:
-            cfg = ShardingConfig(tables={f"t_{f}": TableShardingConfig(["table_wise"], [kernel]) for f in FEATURES},
-                                 batch_size=4)
+            constraint = TableShardingConfig(sharding_types=["table_wise"], compute_kernels=[kernel])
+            cfg = ShardingConfig(tables={f"t_{f}": constraint for f in FEATURES}, batch_size=4)
             sharding_plan = plan(model, cfg, {}, build_topology(1, 1, torch.device("cpu"), cfg), sharders)
         stage = "shard"
         dmp = shard_model(model, sharding_plan, sharders, torch.device("cpu"))

@@ -161,12 +161,13 @@ def build_variant(v: Variant, table_rows: dict[str, int], dim: int, batch: int, 
     if v.kernel != "dense":
         apply_optimizer_in_backward(cls, embedding_parameters(model), dict(kwargs))
     sharding = "data_parallel" if v.kernel == "dense" else sharding
-    cfg = ShardingConfig(tables={f"t_{f}": TableShardingConfig([sharding], [v.kernel]) for f in table_rows},
-                         batch_size=batch)
+    constraint = TableShardingConfig(sharding_types=[sharding], compute_kernels=[v.kernel])
+    cfg = ShardingConfig(tables={f"t_{f}": constraint for f in table_rows}, batch_size=batch)
     sharders = build_sharders()
     world = dist.get_world_size()
     torch.manual_seed(0)
-    dmp = shard_model(model, plan(model, cfg, {}, build_topology(world, world, device, cfg), sharders), sharders, device)
+    sharding_plan = plan(model, cfg, {}, build_topology(world, world, device, cfg), sharders)
+    dmp = shard_model(model, sharding_plan, sharders, device)
     opt = cls(list(dmp.parameters()), **kwargs) if v.kernel == "dense" else None
 
     def fwd(kjt: KeyedJaggedTensor) -> list[torch.Tensor]:
@@ -270,8 +271,9 @@ def sweep(s: Study, rank: int) -> list[dict[str, Any]]:
             for (z, n_ids), (p, kjt, ids, distinct) in batches.items():
                 med = measure(fwd, bwd, kjt, ids, refs, bufs, s.warmup, s.repeats)
                 rows_bytes = world * kjt.values().numel() * s.dim * 4
-                out.append({"variant": v.name, "ranks": world, "rows": rows, "zipf": z, "ids": int(kjt.values().numel()),
-                            "distinct": distinct, **rates(med, rows_bytes, world * n * 4)})
+                out.append({"variant": v.name, "ranks": world, "rows": rows, "zipf": z,
+                            "ids": int(kjt.values().numel()), "distinct": distinct,
+                            **rates(med, rows_bytes, world * n * 4)})
                 if rank == 0:
                     print(f"[kernel_study] {world}r {v.name} rows {rows} zipf {z} ids {n_ids}: fwd "
                           f"{out[-1]['fwd_ms']:.1f} ms bwd {out[-1]['bwd_ms']:.1f} ms frac {out[-1]['frac']:.3f}",
