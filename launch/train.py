@@ -50,6 +50,21 @@ def _one_line(message: str) -> str:
     return out
 
 
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """The default process group, from torchrun's environment (``env://``), on a store private to this attempt.
+
+    Under torchrun's elastic agent every worker of every restart of the group connects to the same TCP store
+    (the rendezvous's, shared by default), and a process group's keys (rank addresses, barrier counters) carry the
+    same names in every attempt. A restarted group would then read the dead workers' addresses and wait on them
+    (gloo: connection refused or a hang). Prefixing the store with ``TORCHELASTIC_RESTART_COUNT`` gives each
+    attempt fresh keys; a plain run (no restart count) uses attempt 0.
+    """
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"/zoo/attempt_{attempt}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML")
@@ -66,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = "cpu:gloo,cuda:nccl" if cfg.train.device == Device.cuda else "gloo"
     if "MASTER_ADDR" not in os.environ:  # plain single-process run
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    init_process_group(backend, datetime.timedelta(minutes=30))
     try:
         metrics = run(cfg, spec, resolved, env)
     except DataError as e:

@@ -263,6 +263,55 @@ def test_two_nodes_under_torchx_match_one_node_of_two_processes(entry, tiny_data
 
 
 
+@pytest.mark.parametrize("victim", ["first", "last"])
+def test_a_rank_killed_under_torchx_restarts_from_the_checkpoint_and_ends_like_an_uninterrupted_run(
+    victim, tiny_data, tmp_path
+):
+    """``--max_restarts 1``: kill -9 of one worker (the first or the last started) after the step-10 checkpoint;
+    torchrun's agent restarts the worker group (on a store prefix of its own: :func:`launch.train.init_process_group`),
+    which resumes from the latest checkpoint and ends with the metrics of a run that was never killed."""
+    import signal
+    import time
+
+    common = [*_data_overrides(tiny_data), "train.max_steps=40", "train.checkpoint_every=10", "model.dropout=0.1"]
+    plain = _torchrun("configs/tests/din_tiny.yaml", tmp_path / "plain", common)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "killed"
+    cmd = [str(Path(sys.executable).parent / "torchx"), "run", "-s", "local_cwd", "launch/components.py:train",
+           "-j", "1x2", "--rdzv_port", str(_free_port()), "--max_restarts", "1", "--config",
+           "configs/tests/din_tiny.yaml", f"run_dir={run_dir}", *common]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    killed = None
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None and killed is None:
+            if latest.is_file() and latest.read_text().strip() == "step_00000010":
+                pids = subprocess.run(["pgrep", "-f", f"launch.train.*run_dir={run_dir}"], capture_output=True,
+                                      text=True).stdout.split()
+                workers = sorted((p for p in pids if "torchrun" not in Path(f"/proc/{p}/cmdline").read_text(
+                    errors="ignore")), key=int)
+                if len(workers) == 2:
+                    killed = workers[0 if victim == "first" else -1]
+                    os.kill(int(killed), signal.SIGKILL)
+            time.sleep(0.05)
+        out, err = proc.communicate(timeout=420)
+    finally:
+        if proc.poll() is None:  # never leave a hung job behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert killed is not None, "the run ended before a worker could be killed" + err[-3000:]
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    assert "failed (exitcode: -9)" in out + err  # the agent saw the kill and restarted the group
+    m = json.loads((run_dir / "metrics.json").read_text())
+    # The restarted group resumed from a checkpoint (10, or 20 on a slow machine) rather than starting over.
+    assert m["steps"] == 40 and m["steps_this_run"] in (20, 30)
+    for key in ("auc", "gauc", "logloss", "final_train_loss"):
+        assert abs(m[key] - plain[key]) < 1e-6, (key, m[key], plain[key])
+
+
 def test_the_component_passes_max_restarts_to_torchrun():
     """``--max_restarts N`` reaches torchrun's elastic agent (restarts of the worker group); 0 leaves it out."""
     from launch.components import train
