@@ -232,7 +232,7 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec, plan_device: Opt
     Raises:
         ConfigError: naming the section and what was expected.
     """
-    from launch.optim import dense_groups, table_parameters
+    from launch.optim import dense_groups, replicated, table_parameters
     from launch.sharding import embedding_tables, merge_constraints, plan_from_json
 
     schema = cfg.data.schema
@@ -247,7 +247,14 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec, plan_device: Opt
         merge_constraints(spec.default_constraints(cfg.model, schema), cfg.sharding, tables)
     except ValueError as e:
         raise ConfigError(f"sharding: {e}") from None
+    keys = [k for k, t in cfg.sharding.tables.items() if t.precision not in (None, "fp32")]
     try:
+        if keys and replicated(cfg.optim, tables):
+            raise ValueError(
+                f"sharding.tables {keys} set a precision, but optim.sparse=replicated_adam trains fp32 tables"
+                " replicated under torch.optim.Adam (no sharding plan): drop the precision or use a fused sparse"
+                " optimizer"
+            )
         check_support(cfg.optim, tables, plan_device or cfg.train.device.value)
         table_params = {id(p) for p in table_parameters(train_module).values()}
         dense_groups([n for n, p in train_module.named_parameters() if id(p) not in table_params], cfg.optim)

@@ -111,3 +111,11 @@ def test_plan_cluster_sizes_fp16_shards_at_half_the_bytes(tmp_path, capsys):
     assert plan_cluster_main(["--config", str(DARE), "--out", str(tmp_path / "x.json"), *CLUSTER,
                               "sharding.tables.t_item_id__repr.precision=int8"]) == 2
     assert "precision=int8 (tables ['t_item_id__repr'])" in capsys.readouterr().err
+
+
+def test_precision_with_replicated_tables_is_refused():
+    cfg, spec, _ = load_config(ROOT / "configs/tests/din_tiny.yaml",
+                               ["sharding.tables.t_item_id.precision=fp16", "optim.sparse=replicated_adam"])
+    with pytest.raises(ConfigError, match=r"optim: sharding.tables \['t_item_id'\] set a precision, but"
+                                          r" optim.sparse=replicated_adam trains fp32 tables"):
+        validate_experiment(cfg, spec)
