@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from datasets.batch import Batch
-from datasets.schema import SchemaConfig
+from datasets.schema import IdMapping, SchemaConfig
 from models.common import check_search_features, require_sample_labels
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
 from modules.mlp import MLP, Activation
@@ -188,7 +188,9 @@ class TwoStage(nn.Module):
         self.time = nn.Embedding(cfg.time_buckets, cfg.cross_dim, device=device) if cfg.time_feature else None
         item = d * len(cfg.target_features)
         self.item_dim = item
-        self.item_id_ranges = [schema.id_feature(f).num_embeddings for f in cfg.history_features]
+        # Ids below their table's rows fold into one key; raw ids (mapping: mch) do not: a row-wise unique then.
+        raw = any(schema.id_feature(f).mapping is IdMapping.mch for f in cfg.history_features)
+        self.item_id_ranges = None if raw else [schema.id_feature(f).num_embeddings for f in cfg.history_features]
         cross_dims = [cfg.cross_dim] * (len(cfg.cross_id_features) + (1 if cfg.time_feature else 0))
         value_dim = item + sum(cross_dims)
         if cfg.esu == ESU.twin or cfg.search == Search.soft:
