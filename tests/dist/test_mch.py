@@ -1,4 +1,5 @@
-"""A managed-collision (``mapping: mch``) collection sharded row-wise on 2 gloo ranks.
+"""A managed-collision (``mapping: mch``) collection (EmbeddingCollection and EmbeddingBagCollection forms)
+sharded row-wise on 2 gloo ranks.
 
 torchrec's sharded ZCH is not the unsharded one by design: each rank's shard is a ZCH of its own rows (with
 its own miss row, the shard's last), serving the ids of one block of ``[0, input_hash_size)`` (the input
@@ -6,7 +7,7 @@ all-to-all routes each hashed id by its block). So what a 2-rank table of R rows
 unsharded ZCHs of R / 2 rows do, block by block: the reference here is torchrec's own
 ``rebuild_with_output_id_range`` of the unsharded module (what the sharder builds per shard), fed the ids of
 its block. Checked over a skewed training stream: the rows every id is mapped to equal the reference's, the
-embeddings are the gathered table's rows at those rows (1e-6), the ZCH buffers in the DMP state dict equal
+embeddings are the gathered table's rows at those rows (pooled: their sums; 1e-6), the ZCH buffers in the DMP state dict equal
 the references' (so checkpoints carry them), hot ids keep rows of their own, and evaluation changes nothing.
 """
 
@@ -68,18 +69,21 @@ def _kjt(batch: dict[str, np.ndarray], rows: slice):
 
 class _Holder:  # built lazily in the workers (torch imports after spawn)
     @staticmethod
-    def module(device):
+    def module(device, bags: bool):
         import torch
         from torch import nn
-        from torchrec.modules.embedding_configs import EmbeddingConfig
-        from torchrec.modules.embedding_modules import EmbeddingCollection
+        from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig
+        from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
         from modules.managed_collision import build_managed_collection
 
         schema = _schema()
         cfg = schema.id_feature("item_id").mch
-        ec = EmbeddingCollection(tables=[EmbeddingConfig(name="t_item_id", embedding_dim=DIM, num_embeddings=ROWS,
-                                                         feature_names=["item_id", "hist_item_id"])], device=device)
+        table = dict(name="t_item_id", embedding_dim=DIM, num_embeddings=ROWS, feature_names=["item_id", "hist_item_id"])
+        if bags:
+            ec = EmbeddingBagCollection(tables=[EmbeddingBagConfig(**table)], device=device)
+        else:
+            ec = EmbeddingCollection(tables=[EmbeddingConfig(**table)], device=device)
 
         class Root(nn.Module):
             def __init__(self) -> None:
@@ -94,7 +98,7 @@ class _Holder:  # built lazily in the workers (torch imports after spawn)
         return Root(), cfg
 
 
-def _check(rank: int, world_size: int) -> dict:
+def _check(rank: int, world_size: int, bags: bool) -> dict:
     import torch
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
     from torchrec.sparse.jagged_tensor import JaggedTensor
@@ -104,10 +108,10 @@ def _check(rank: int, world_size: int) -> dict:
     from tests.dist.parity import gather_full_state
 
     device = torch.device("cpu")
-    model, cfg = _Holder.module(torch.device("meta"))
+    model, cfg = _Holder.module(torch.device("meta"), bags)
     tables = embedding_tables(model)
-    assert tables["t_item_id"].module_path == "mc" and tables["t_item_id"].module_type.__name__ == (
-        "ManagedCollisionEmbeddingCollection")
+    kind = "ManagedCollisionEmbeddingBagCollection" if bags else "ManagedCollisionEmbeddingCollection"
+    assert tables["t_item_id"].module_path == "mc" and tables["t_item_id"].module_type.__name__ == kind
     apply_optimizer_in_backward(torch.optim.SGD, model.mc.parameters(), {"lr": 0.1})
     sharders = build_sharders()
     sharding_plan = plan(model, ShardingConfig(default_sharding_types=["row_wise"]), {},
@@ -150,9 +154,16 @@ def _check(rank: int, world_size: int) -> dict:
         lo, hi = torch.tensor(offsets)[owners_mine], torch.tensor(offsets)[owners_mine] + ROWS // 2
         assert bool(((got >= lo) & (got < hi)).all()), "an id left its block's shard"
         state = gather_full_state(dmp)
-        weight = state["mc._embedding_module.embeddings.t_item_id.weight"]
-        lookups = torch.cat([emb["item_id"].values(), emb["hist_item_id"].values()])
-        torch.testing.assert_close(lookups, weight[got], atol=1e-6, rtol=0)
+        if bags:  # pooled: a target's row; the sum of a history's rows
+            weight = state["mc._embedding_module.embedding_bags.t_item_id.weight"]
+            n = got.numel() - b * HIST
+            torch.testing.assert_close(emb["item_id"], weight[got[:n]], atol=1e-6, rtol=0)
+            pooled = weight[got[n:]].view(b, HIST, DIM).sum(1)  # [b, D]
+            torch.testing.assert_close(emb["hist_item_id"], pooled, atol=1e-6, rtol=0)
+        else:
+            weight = state["mc._embedding_module.embeddings.t_item_id.weight"]
+            lookups = torch.cat([emb["item_id"].values(), emb["hist_item_id"].values()])
+            torch.testing.assert_close(lookups, weight[got], atol=1e-6, rtol=0)
         seen_rows.append(got)
 
     state = gather_full_state(dmp)
@@ -183,7 +194,8 @@ def _check(rank: int, world_size: int) -> dict:
     return {"hot_rows": hot_rows.tolist(), "distinct_rows": len(set(torch.cat(seen_rows).tolist()))}
 
 
-def test_row_wise_mch_equals_one_unsharded_zch_per_shard() -> None:
-    results = run_workers(_check, world_size=2, timeout_s=240)
+@pytest.mark.parametrize("bags", [False, True], ids=["EmbeddingCollection", "EmbeddingBagCollection"])
+def test_row_wise_mch_equals_one_unsharded_zch_per_shard(bags: bool) -> None:
+    results = run_workers(_check, world_size=2, args=(bags,), timeout_s=240)
     assert results[0]["hot_rows"] == results[1]["hot_rows"]  # both ranks read the same rows of the hot ids
     assert all(r["distinct_rows"] > len(HOT) for r in results)  # cold ids got rows too, not only the miss rows
