@@ -80,6 +80,11 @@ def item_attributes(paths: list[str], target: list[str], history: list[str], num
 def fill_cache(model: TwoStage, attrs: np.ndarray, seen: np.ndarray, chunk: int = 65536) -> torch.Tensor:
     """Writes ``K_h W_h`` of every item into the model's cache table; returns the table ``[num_items, H d_k]``."""
     cfg = model.cfg
+    if not hasattr(model.ec, "embeddings"):  # a ManagedCollisionLookup: raw ids, rows assigned while training
+        raise ValueError(
+            "twin_cache: the item tables use mapping: mch (raw ids, rows assigned by the ZCH), but the cache is"
+            " indexed by item row; build the cache for an identity- or hash-mapped item table"
+        )
     tables = model.ec.embeddings
     feature_table = {f: c.name for c in model.ec.embedding_configs() for f in c.feature_names}
     weights = [tables[feature_table[f]].weight for f in cfg.history_features]
