@@ -29,11 +29,12 @@ ids x dim x 4`` over the fwd time, over the bwd time, and ``fwd+bwd GB/s = 2 x r
 (the rows delivered forward plus the gradient rows taken back; halve it for rows bytes over the step).
 ``frac`` is fwd+bwd GB/s over the memcpy GB/s of the same steps; ``x ec/sgd`` divides a variant's frac by
 ``ec/fused/sgd``'s at the same point, so kernels measured minutes apart compare under their own load.
-``bwd fit`` regresses each variant's bwd time on ids and distinct rows over the 1-rank points.
+The bwd fit regresses each variant's bwd time on ids and distinct rows, per table size, over the 1-rank points.
 
 Tables up to 10^6 rows sweep every variant; larger ones only ``ec`` and ``bags`` with sgd and row-wise
 Adagrad (per-element Adagrad doubles the table's memory, the dense kernel allocates a table-sized gradient).
-1 rank is table-wise; the 2-rank point (``--two-rank``) is row-wise over gloo on the same 2 cores.
+1 rank is table-wise (the dense kernel data-parallel); the 2-rank point (10^6 rows, Zipf 1.05, 64k ids per rank;
+``--no-two-rank`` skips it) is row-wise and table-wise over gloo on the same 2 cores.
 
 Run from the repository root::
 
@@ -245,7 +246,7 @@ class Study:
     repeats: int = 7
     copy_mb: int = 256
     big_state_max_rows: int = 1_000_000
-    sharding: str = "table_wise"
+    shardings: tuple[str, ...] = ("table_wise",)
 
 
 def sweep(s: Study, rank: int) -> list[dict[str, Any]]:
@@ -267,19 +268,20 @@ def sweep(s: Study, rank: int) -> list[dict[str, Any]]:
         for v in s.variants:
             if v.big_state and rows > s.big_state_max_rows:
                 continue
-            fwd, bwd = build_variant(v, p0.table_rows(), s.dim, p0.batch(), s.sharding)
-            for (z, n_ids), (p, kjt, ids, distinct) in batches.items():
-                med = measure(fwd, bwd, kjt, ids, refs, bufs, s.warmup, s.repeats)
-                rows_bytes = world * kjt.values().numel() * s.dim * 4
-                out.append({"variant": v.name, "ranks": world, "rows": rows, "zipf": z,
-                            "ids": int(kjt.values().numel()), "distinct": distinct,
-                            **rates(med, rows_bytes, world * n * 4)})
-                if rank == 0:
-                    print(f"[kernel_study] {world}r {v.name} rows {rows} zipf {z} ids {n_ids}: fwd "
-                          f"{out[-1]['fwd_ms']:.1f} ms bwd {out[-1]['bwd_ms']:.1f} ms frac {out[-1]['frac']:.3f}",
-                          file=sys.stderr, flush=True)
-            del fwd, bwd
-            gc.collect()
+            for sharding in ("data_parallel",) if v.kernel == "dense" else s.shardings:
+                fwd, bwd = build_variant(v, p0.table_rows(), s.dim, p0.batch(), sharding)
+                for (z, n_ids), (p, kjt, ids, distinct) in batches.items():
+                    med = measure(fwd, bwd, kjt, ids, refs, bufs, s.warmup, s.repeats)
+                    rows_bytes = world * kjt.values().numel() * s.dim * 4
+                    out.append({"variant": v.name, "ranks": world, "sharding": sharding, "rows": rows, "zipf": z,
+                                "ids": int(kjt.values().numel()), "distinct": distinct,
+                                **rates(med, rows_bytes, world * n * 4)})
+                    if rank == 0:
+                        print(f"[kernel_study] {world}r {sharding} {v.name} rows {rows} zipf {z} ids {n_ids}: fwd "
+                              f"{out[-1]['fwd_ms']:.1f} ms bwd {out[-1]['bwd_ms']:.1f} ms frac {out[-1]['frac']:.3f}",
+                              file=sys.stderr, flush=True)
+                del fwd, bwd
+                gc.collect()
         del refs, batches
         gc.collect()
     return out
@@ -318,7 +320,10 @@ def run(s: Study, world: int, probe: bool = False) -> dict[str, Any]:
 
 
 def point_key(r: dict[str, Any]) -> tuple:
-    return (r["ranks"], r["rows"], r["zipf"], r["ids"])
+    """(ranks, sharding of the fused variants, rows, zipf, ids): the dense kernel's data_parallel counts as
+    the 1-rank table_wise point it is measured beside."""
+    sharding = "table_wise" if r["sharding"] == "data_parallel" else r["sharding"]
+    return (r["ranks"], sharding, r["rows"], r["zipf"], r["ids"])
 
 
 def relative(points: Sequence[dict[str, Any]], baseline: str = BASELINE) -> list[dict[str, Any]]:
@@ -327,12 +332,13 @@ def relative(points: Sequence[dict[str, Any]], baseline: str = BASELINE) -> list
     return [{**r, "vs_base": r["frac"] / base[point_key(r)] if point_key(r) in base else None} for r in points]
 
 
-def bwd_fit(points: Sequence[dict[str, Any]], variant: str) -> dict[str, float] | None:
-    """Least squares ``bwd_ms = a * ids + b * distinct + c`` over ``variant``'s 1-rank points.
+def bwd_fit(points: Sequence[dict[str, Any]], variant: str, rows: int) -> dict[str, float] | None:
+    """Least squares ``bwd_ms = a * ids + b * distinct + c`` over ``variant``'s 1-rank points at ``rows``.
 
-    Returns ``ns_per_id`` (a), ``ns_per_distinct`` (b), ``c_ms`` and ``r2``; None with fewer than 4 points.
+    Returns ``ns_per_id`` (a), ``ns_per_distinct`` (b), ``c_ms`` (what does not grow with the batch: a dense
+    kernel's table-sized work) and ``r2``; None with fewer than 4 points.
     """
-    rs = [r for r in points if r["variant"] == variant and r["ranks"] == 1]
+    rs = [r for r in points if r["variant"] == variant and r["ranks"] == 1 and r["rows"] == rows]
     if len(rs) < 4:
         return None
     x = np.array([[r["ids"], r["distinct"], 1.0] for r in rs])
@@ -347,8 +353,8 @@ def pivot(points: Sequence[dict[str, Any]], value: str, variants: Sequence[str])
     """Columns and rows of a table with one row per point and one ``value`` column per variant."""
     keys = sorted({point_key(r) for r in points})
     cell = {(point_key(r), r["variant"]): r[value] for r in points}
-    cols = ["ranks", "rows", "zipf", "ids", *variants]
-    body = [[str(k[0]), f"{k[1]:.0e}", f"{k[2]:g}", str(k[3]),
+    cols = ["ranks", "sharding", "rows", "zipf", "ids", *variants]
+    body = [[str(k[0]), k[1], f"{k[2]:.0e}", f"{k[3]:g}", str(k[4]),
              *("-" if cell.get((k, v)) is None else f"{cell[(k, v)]:.3f}" for v in variants)] for k in keys]
     return cols, body
 
@@ -365,12 +371,12 @@ def report(points: list[dict[str, Any]], failures: list[dict[str, str]]) -> str:
     """The printed tables: per point and variant, then frac per variant, x ec/sgd, the bwd fits, the failures."""
     pts = relative(points)
     variants = list(dict.fromkeys(r["variant"] for r in pts))
-    cols = ["variant", "ranks", "rows", "zipf", "ids", "distinct", "fwd ms", "bwd ms", "fwd GB/s", "bwd GB/s",
-            "fwd+bwd GB/s", "memcpy GB/s", "idx_sel GB/s", "idx_add GB/s", "frac", "x ec/sgd"]
-    body = [[r["variant"], str(r["ranks"]), f"{r['rows']:.0e}", f"{r['zipf']:g}", str(r["ids"]), f"{r['distinct']:.0f}",
-             f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}", f"{r['fwd']:.2f}", f"{r['bwd']:.2f}", f"{r['fwdbwd']:.2f}",
-             f"{r['memcpy']:.2f}", f"{r['index_select']:.2f}", f"{r['index_add']:.2f}", f"{r['frac']:.3f}",
-             "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}"] for r in pts]
+    cols = ["variant", "ranks", "sharding", "rows", "zipf", "ids", "distinct", "fwd ms", "bwd ms", "fwd GB/s",
+            "bwd GB/s", "fwd+bwd GB/s", "memcpy GB/s", "idx_sel GB/s", "idx_add GB/s", "frac", "x ec/sgd"]
+    body = [[r["variant"], str(r["ranks"]), r["sharding"], f"{r['rows']:.0e}", f"{r['zipf']:g}", str(r["ids"]),
+             f"{r['distinct']:.0f}", f"{r['fwd_ms']:.1f}", f"{r['bwd_ms']:.1f}", f"{r['fwd']:.2f}", f"{r['bwd']:.2f}",
+             f"{r['fwdbwd']:.2f}", f"{r['memcpy']:.2f}", f"{r['index_select']:.2f}", f"{r['index_add']:.2f}",
+             f"{r['frac']:.3f}", "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}"] for r in pts]
     parts = [format_table(cols, body), "", "fwd+bwd / memcpy (frac):", format_table(*pivot(pts, "frac", variants)),
              "", f"frac over {BASELINE}'s frac at the same point:", format_table(*pivot(pts, "vs_base", variants))]
     best = []
@@ -379,12 +385,12 @@ def report(points: list[dict[str, Any]], failures: list[dict[str, str]]) -> str:
         best.append([v, str(len(fr)), f"{fr[len(fr) // 2]:.3f}", f"{fr[-1]:.3f}", str(sum(f >= 0.25 for f in fr))])
     parts += ["", "fwd+bwd at >= 25% of memcpy?", format_table(["variant", "points", "median frac", "max frac",
                                                                  "points >= 0.25"], best)]
-    fits = [(v, bwd_fit(pts, v)) for v in variants]
-    fit_body = [[v, f"{f['ns_per_id']:.0f}", f"{f['ns_per_distinct']:.0f}", f"{f['c_ms']:.2f}", f"{f['r2']:.3f}"]
-                for v, f in fits if f is not None]
+    fits = [(v, n, bwd_fit(pts, v, n)) for v in variants for n in sorted({r["rows"] for r in pts})]
+    fit_body = [[v, f"{n:.0e}", f"{f['ns_per_id']:.0f}", f"{f['ns_per_distinct']:.0f}", f"{f['c_ms']:.1f}",
+                 f"{f['r2']:.2f}"] for v, n, f in fits if f is not None]
     if fit_body:
-        parts += ["", "bwd ms = a x ids + b x distinct rows + c (1-rank points):",
-                  format_table(["variant", "a ns/id", "b ns/distinct", "c ms", "R^2"], fit_body)]
+        parts += ["", "bwd ms = a x ids + b x distinct rows + c, per table size (1-rank points):",
+                  format_table(["variant", "rows", "a ns/id", "b ns/distinct", "c ms", "R^2"], fit_body)]
     if failures:
         parts += ["", "kernels / combinations that do not run on CPU (tiny tables, 1 rank):",
                   format_table(["variant", "through the planner", "plan made by hand (where the planner failed)"],
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--ids", nargs="+", type=int, default=[8192, 65536], help="ids per rank per step")
     ap.add_argument("--variants", nargs="+", default=[v.name for v in SWEPT], help="module/kernel/optimizer")
     ap.add_argument("--repeats", type=int, default=7, help="timed steps per point")
-    ap.add_argument("--no-two-rank", action="store_true", help="skip the 2-rank point (row-wise, 10^6 rows, 64k ids)")
+    ap.add_argument("--no-two-rank", action="store_true", help="skip the 2-rank point (10^6 rows, 64k ids)")
     ap.add_argument("--json", type=Path, default=None, help="also write the points and failures here")
     ap.add_argument("--report", type=Path, default=None, help="only print the tables of a --json file")
     ap.add_argument("--quick", action="store_true", help="10^5 rows, zipf 1.05, 8k ids, 3 repeats, no 2-rank point")
@@ -422,7 +428,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     points, failures = res["points"], res["failures"]
     if not args.no_two_rank:
         two = [v for v in variants if v.kernel == "fused" and v.optimizer in ("sgd", "rowwise_adagrad")]
-        s2 = Study((1_000_000,), (1.05,), (65536,), tuple(two), repeats=s.repeats, sharding="row_wise")
+        s2 = Study((1_000_000,), (1.05,), (65536,), tuple(two), repeats=s.repeats,
+                   shardings=("row_wise", "table_wise"))
         points += run(s2, 2)["points"]
     print(f"kernel study: t_hist_item_id rows x {s.dim} (+ rows/10 x {s.dim}), seq len {s.seq_len}; {s.repeats} "
           f"timed steps after {s.warmup}; 1 thread per rank, {os.cpu_count()} cores; {time.perf_counter() - t0:.0f} s")

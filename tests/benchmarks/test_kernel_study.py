@@ -17,7 +17,7 @@ from tests.dist.runner import run_workers
 
 
 def _point(variant: str, frac: float, ranks: int = 1, ids: int = 8192, bwd_ms: float = 1.0, distinct: float = 1.0):
-    return {"variant": variant, "ranks": ranks, "rows": 1000, "zipf": 1.05, "ids": ids, "frac": frac,
+    return {"variant": variant, "ranks": ranks, "sharding": "table_wise", "rows": 1000, "zipf": 1.05, "ids": ids, "frac": frac,
             "bwd_ms": bwd_ms, "distinct": distinct}
 
 
@@ -46,28 +46,32 @@ def test_rates_definitions():
 
 
 def test_relative_divides_by_the_baseline_at_the_same_point():
-    pts = [_point("ec/fused/sgd", 0.1), _point("bags/fused/sgd", 0.3), _point("bags/fused/sgd", 0.2, ranks=2)]
+    pts = [_point("ec/fused/sgd", 0.1), _point("bags/fused/sgd", 0.3), _point("bags/fused/sgd", 0.2, ranks=2),
+           {**_point("bags/dense/sgd", 0.05), "sharding": "data_parallel"}]
     out = relative(pts)
     assert [r["vs_base"] for r in out[:2]] == [pytest.approx(1.0), pytest.approx(3.0)]
     assert out[2]["vs_base"] is None  # no baseline at 2 ranks
+    assert out[3]["vs_base"] == pytest.approx(0.5)  # data-parallel beside the 1-rank table-wise baseline
 
 
 def test_bwd_fit_recovers_per_id_and_per_row_costs():
     pts = [_point("v", 0.1, ids=i, distinct=d, bwd_ms=1e-3 * i + 5e-4 * d + 2.0)
            for i, d in ((8192, 3000), (65536, 9000), (8192, 8000), (65536, 60000), (30000, 20000))]
     pts.append(_point("v", 0.1, ranks=2, ids=10, distinct=10, bwd_ms=999.0))  # 2-rank points are not fitted
-    f = bwd_fit(pts, "v")
+    pts.append({**_point("v", 0.1, ids=10, distinct=10, bwd_ms=999.0), "rows": 10})  # nor other table sizes
+    f = bwd_fit(pts, "v", 1000)
     assert f["ns_per_id"] == pytest.approx(1000.0, rel=1e-6)
     assert f["ns_per_distinct"] == pytest.approx(500.0, rel=1e-6)
     assert f["c_ms"] == pytest.approx(2.0, abs=1e-6) and f["r2"] == pytest.approx(1.0)
-    assert bwd_fit(pts[:3], "v") is None
+    assert bwd_fit(pts[:3], "v", 1000) is None and bwd_fit(pts, "v", 10) is None
 
 
 def test_pivot_and_format_table():
     pts = [_point("a", 0.125), _point("b", 0.5), _point("a", 0.25, ids=65536)]
     cols, body = pivot(pts, "frac", ["a", "b"])
-    assert cols == ["ranks", "rows", "zipf", "ids", "a", "b"]
-    assert body == [["1", "1e+03", "1.05", "8192", "0.125", "0.500"], ["1", "1e+03", "1.05", "65536", "0.250", "-"]]
+    assert cols == ["ranks", "sharding", "rows", "zipf", "ids", "a", "b"]
+    assert body == [["1", "table_wise", "1e+03", "1.05", "8192", "0.125", "0.500"],
+                    ["1", "table_wise", "1e+03", "1.05", "65536", "0.250", "-"]]
     text = format_table(["x", "long header"], [["ab", "1"]]).splitlines()
     assert text == ["x   long header", "--  -----------", "ab            1"]
 
