@@ -74,7 +74,7 @@ from torchrec.optim import RowWiseAdagrad  # noqa: E402
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-from benchmarks.embedding_lookup import FEATURES, Params, SequenceLookup, _slowest_steps, make_batch  # noqa: E402
+from benchmarks.embedding_lookup import Params, SequenceLookup, _slowest_steps, make_batch  # noqa: E402
 from launch.sharding import (  # noqa: E402
     ShardingConfig,
     TableShardingConfig,
