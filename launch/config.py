@@ -232,6 +232,8 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec, plan_device: Opt
     Raises:
         ConfigError: naming the section and what was expected.
     """
+    from torchrec.modules.mc_embedding_modules import BaseManagedCollisionEmbeddingCollection
+
     from launch.optim import dense_groups, replicated, table_parameters
     from launch.sharding import embedding_tables, merge_constraints, plan_from_json
 
@@ -254,6 +256,12 @@ def validate_experiment(cfg: ExperimentConfig, spec: ModelSpec, plan_device: Opt
                 f"sharding.tables {keys} set a precision, but optim.sparse=replicated_adam trains fp32 tables"
                 " replicated under torch.optim.Adam (no sharding plan): drop the precision or use a fused sparse"
                 " optimizer"
+            )
+        managed = [n for n, t in tables.items() if issubclass(t.module_type, BaseManagedCollisionEmbeddingCollection)]
+        if managed and replicated(cfg.optim, tables):
+            raise ValueError(
+                f"tables {managed} use mapping: mch, but optim.sparse=replicated_adam replicates every table under"
+                " DDP, where each rank would keep its own ZCH (rows differ across ranks): use a fused sparse optimizer"
             )
         check_support(cfg.optim, tables, plan_device or cfg.train.device.value)
         table_params = {id(p) for p in table_parameters(train_module).values()}

@@ -246,6 +246,21 @@ def test_bad_mch_option_in_yaml_is_a_one_line_config_error(tmp_path) -> None:
     assert "\n" not in str(e.value)
 
 
+def test_mch_tables_refuse_replicated_tables(tmp_path) -> None:
+    """optim.sparse=replicated_adam keeps the tables unsharded under DDP: every rank would have its own ZCH."""
+    from launch.config import ConfigError, load_config, validate_experiment
+
+    cfg = tmp_path / "din_mch.yaml"
+    cfg.write_text(mch_din_yaml())
+    loaded, spec, _ = load_config(cfg)
+    validate_experiment(loaded, spec)
+    loaded, spec, _ = load_config(cfg, ["optim.sparse=replicated_adam"])
+    with pytest.raises(ConfigError, match=r"optim: tables \['t_item_id'\] use mapping: mch, but optim.sparse="
+                                          "replicated_adam") as e:
+        validate_experiment(loaded, spec)
+    assert "\n" not in str(e.value)
+
+
 def test_reader_passes_raw_ids_through_or_checks_the_input_range() -> None:
     from datasets.schema import DataError
     from tests.models.batch_helpers import columns_to_batch
