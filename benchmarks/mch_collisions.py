@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 "step_ms": float("nan")})
 
     for policy in args.policy:
-        zch = build_mch_module("t", args.rows, MchConfig(eviction_policy=MchEvictionPolicy(policy)), torch.device("cpu"))
+        mch = MchConfig(eviction_policy=MchEvictionPolicy(policy))
+        zch = build_mch_module("t", args.rows, mch, torch.device("cpu"))
         zch.train()
 
         def remap(ids: np.ndarray) -> torch.Tensor:

@@ -96,7 +96,9 @@ def eviction_policy(cfg: MchConfig) -> MCHEvictionPolicy:
     return DistanceLFU_EvictionPolicy(decay_exponent=cfg.decay_exponent)
 
 
-def build_mch_module(table: str, rows: int, cfg: MchConfig, device: Optional[torch.device]) -> MCHManagedCollisionModule:
+def build_mch_module(
+    table: str, rows: int, cfg: MchConfig, device: Optional[torch.device]
+) -> MCHManagedCollisionModule:
     """The ZCH of one table: ``rows`` output rows (the last one is the miss row), options from ``cfg``.
 
     Args:

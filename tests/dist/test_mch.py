@@ -7,8 +7,9 @@ all-to-all routes each hashed id by its block). So what a 2-rank table of R rows
 unsharded ZCHs of R / 2 rows do, block by block: the reference here is torchrec's own
 ``rebuild_with_output_id_range`` of the unsharded module (what the sharder builds per shard), fed the ids of
 its block. Checked over a skewed training stream: the rows every id is mapped to equal the reference's, the
-embeddings are the gathered table's rows at those rows (pooled: their sums; 1e-6), the ZCH buffers in the DMP state dict equal
-the references' (so checkpoints carry them), hot ids keep rows of their own, and evaluation changes nothing.
+embeddings are the gathered table's rows at those rows (pooled: their sums; 1e-6), the ZCH buffers in the DMP
+state dict equal the references' (so checkpoints carry them), hot ids keep rows of their own, and evaluation
+changes nothing.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class _Holder:  # built lazily in the workers (torch imports after spawn)
 
         schema = _schema()
         cfg = schema.id_feature("item_id").mch
-        table = dict(name="t_item_id", embedding_dim=DIM, num_embeddings=ROWS, feature_names=["item_id", "hist_item_id"])
+        table = dict(name="t_item_id", embedding_dim=DIM, num_embeddings=ROWS,
+                     feature_names=["item_id", "hist_item_id"])
         if bags:
             ec = EmbeddingBagCollection(tables=[EmbeddingBagConfig(**table)], device=device)
         else:

@@ -56,7 +56,8 @@ def _raw_batch(name: str, seed: int):
         if f.mapping is IdMapping.mch:
             def raw(v: int) -> int:
                 return int(v) * 0x9E3779B97F4A7 % 2**62 + 2**62  # odd factor mod 2**62: distinct ids stay distinct
-            cols[f.name] = [[raw(v) for v in row] for row in cols[f.name]] if f.sequence else [raw(v) for v in cols[f.name]]
+            values = cols[f.name]
+            cols[f.name] = [[raw(v) for v in row] for row in values] if f.sequence else [raw(v) for v in values]
     return columns_to_batch(schema, cols)
 
 

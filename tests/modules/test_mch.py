@@ -54,7 +54,8 @@ def _zch(mch: MchConfig = MchConfig(), rows: int = ROWS):
     module = build_mch_module("t_item_id", rows, mch, torch.device("cpu"))
 
     def remap(ids: torch.Tensor) -> torch.Tensor:
-        return module({"t_item_id": JaggedTensor(values=ids, lengths=torch.tensor([ids.numel()]))})["t_item_id"].values()
+        jt = JaggedTensor(values=ids, lengths=torch.tensor([ids.numel()]))
+        return module({"t_item_id": jt})["t_item_id"].values()
 
     return module, remap
 
@@ -67,7 +68,8 @@ def test_torch_splitmix64_equals_the_readers_numpy_hash() -> None:
     for n in (2, 1000, 2**40 + 3, INT64_MAX):
         h = hash_input_ids(torch.from_numpy(ids), n)
         assert int(h.min()) >= 0 and int(h.max()) < n
-        np.testing.assert_array_equal(h.numpy(), ((splitmix64(ids) & np.uint64(INT64_MAX)) % np.uint64(n)).astype(np.int64))
+        expected = (splitmix64(ids) & np.uint64(INT64_MAX)) % np.uint64(n)
+        np.testing.assert_array_equal(h.numpy(), expected.astype(np.int64))
 
 
 @pytest.mark.parametrize("mch", [MchConfig(), MchConfig(eviction_policy=MchEvictionPolicy.lfu, eviction_interval=3),
