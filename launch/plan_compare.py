@@ -216,7 +216,8 @@ def measure(
 
 
 def _per_rank(values: list[float], fmt: str) -> str:
-    if len(values) <= 8:
+    """``rank:value`` for up to 4 ranks, else the largest (and its rank) and the smallest."""
+    if len(values) <= 4:
         return " ".join(f"{r}:{v:{fmt}}" for r, v in enumerate(values))
     hi = max(range(len(values)), key=values.__getitem__)
     return f"max {values[hi]:{fmt}} (rank {hi}), min {min(values):{fmt}}"
