@@ -93,7 +93,9 @@ def eval_points(cfg: ExperimentConfig, world_size: int, total: int, seg: Optiona
                     points.add(first + max(1, round(k * lay.steps / t.evals_per_epoch)))
                     continue
                 ahead = k * rows / t.evals_per_epoch - done
-                if ahead > 0:
+                if k == t.evals_per_epoch:  # after all of the epoch's rows: its last step
+                    points.add(first + lay.steps)
+                elif ahead > 0:
                     points.add(first + min(lay.steps, max(1, round(ahead / per_step))))
     return sorted(p for p in points if 0 < p <= total)
 

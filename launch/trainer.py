@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from datasets.batch import Batch
 from datasets.reader import expand_paths, steps_per_epoch, train_loader
+from datasets.schema import IdMapping
 from launch import checkpoint, sharding
 from launch.schedule import Segment, eval_points, resumed_segment, total_steps
 from launch.config import ConfigError, Device, ExperimentConfig, dump_config
@@ -186,6 +187,13 @@ class Trainer:
                                             elastic=bool(self.cfg.train.epochs))
             except RuntimeError as e:
                 raise ConfigError(str(e)) from None
+            mch = [f.name for f in self.schema.id_features if f.mapping is IdMapping.mch]
+            if mch and meta.world_size != self.env.world_size:
+                raise ConfigError(
+                    f"{found} was written by {meta.world_size} ranks, this run has {self.env.world_size}, and id"
+                    f" features {mch} use mapping: mch, whose row-wise shards each keep the id map of their own"
+                    f" block of ids (it cannot be resharded); resume with {meta.world_size} ranks"
+                )
             self.segment = resumed_segment(self.cfg, meta.stream, meta.world_size, meta.step, self.env.world_size)
             self.total = total_steps(self.cfg, self.env.world_size, self.segment)
             self.points = eval_points(self.cfg, self.env.world_size, self.total, self.segment)

@@ -5,6 +5,7 @@ groups built on the sharded model exactly as validation predicted on the meta mo
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 from pathlib import Path
@@ -229,3 +230,37 @@ def test_dense_groups_of_the_built_trainer_are_what_validation_saw(tiny_data: Pa
     assert sorted(_strip(n) for n in default.params) == sorted(set(dense) - set(expected_attn))
     assert attn.param_groups[0]["lr"] == 0.01 and "momentum" in attn.param_groups[0]  # SGD
     assert default.param_groups[0]["lr"] == t.cfg.optim.dense_lr == 0.005 and "betas" in default.param_groups[0]
+
+
+def test_exact_epoch_checkpoint_of_another_world_size_resumes_in_rows(tiny_data: Path, tmp_path: Path) -> None:
+    """A 2-rank checkpoint at step 2 of 512 rows x 2 epochs (batch 100: 3 steps per epoch on 2 ranks) resumed
+    on 1 rank: epoch 0 goes on with the 112 rows the 2 ranks had not read (2 steps of 100, the last padded),
+    then a whole epoch of 6 steps; evaluations at the same shares of the epochs' rows. With mapping: mch the
+    resize is refused (each row-wise shard keeps the id map of its own block of ids)."""
+    from datasets.schema import IdMapping
+    from launch.schedule import Segment
+
+    run_dir = tmp_path / "run"
+    over = ("train.epochs=2", "data.batch_size=100", "train.evals_per_epoch=2")
+    t = _trainer(tiny_data, run_dir, *over)
+    position = t.position
+    _fake_checkpoint(run_dir, 2)
+    (run_dir / "checkpoints" / "step_00000002" / "meta.json").write_text(json.dumps(
+        {"step": 2, "world_size": 2, "samples_seen": 400, "data_position": position}))
+    t = _trainer(tiny_data, run_dir, *over)
+    assert t.check_resumable() is not None
+    assert t.segment.base_step == 2 and t.segment.start.epoch == 0
+    assert t.segment.start.remaining == ((200, 256), (456, 512))  # rank r read its first 200 of 256 positions
+    assert t.total == 2 + 2 + 6
+    # Epoch 0's second evaluation (all its rows) after the 2 remainder steps; epoch 1's at 3 and 6 of its steps.
+    assert t.points == [4, 7, 10]
+    assert Segment.from_json(t.segment.to_json()) == t.segment
+    t = _trainer(tiny_data, run_dir, *over)
+    t.schema.id_features[0].mapping = IdMapping.mch
+    with pytest.raises(ConfigError, match="use mapping: mch, whose row-wise shards each keep the id map"):
+        t.check_resumable()
+    t = _trainer(tiny_data, run_dir, "data.batch_size=100")  # the infinite stream: refused, with the advice
+    (run_dir / "checkpoints" / "step_00000002" / "meta.json").write_text(json.dumps(
+        {"step": 2, "world_size": 2, "samples_seen": 400, "data_position": t.position}))
+    with pytest.raises(ConfigError, match="train by exact epochs .train.epochs., which resume on any number of ranks"):
+        t.check_resumable()
