@@ -228,7 +228,7 @@ class Trainer:
             self.plan_text = (f"every table replicated on all {self.env.world_size} ranks and trained by torch.optim.Adam"
                               f" (optim.sparse=replicated_adam): {sorted(settings)}")
         if self.is_main:
-            sharding.write_plan(self.run_dir, self.plan, self.plan_text)
+            sharding.write_plan(self.run_dir, self.plan, self.plan_text, tables=self.dmp if sharders else None)
         self.optimizer, self.dense_optimizers = build_optimizer(self.dmp, cfg.optim)
 
     def _state(self) -> dict[str, Any]:
