@@ -95,6 +95,25 @@ def _dot_rows(keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor) -> to
     return (keys * query[rows]).sum(dim=-1)  # [N, H]
 
 
+@torch.fx.wrap
+def _rank_dot(x: torch.Tensor, query: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    # A leaf under fx tracing: ``[S]`` <x_s, query of s's row> for x ``[S, W]``, query ``[B, W]`` (no autograd).
+    if query.size(0) == 1:  # one request (serving): one matrix-vector product (the bits of an [S, W] x [W, 1] GEMM)
+        return x.mv(query[0])  # [S]
+    b, s = query.size(0), x.size(0)
+    if s % b == 0 and bool((lengths == s // b).all()):  # equal rows: broadcast the B queries, no [S, W] gather
+        return (x.reshape(b, s // b, -1) * query.unsqueeze(1)).sum(dim=-1).reshape(s)  # [B, L, W] -> [S]
+    return (x * query[row_ids(lengths, s)]).sum(dim=-1)  # [S]
+
+
+@torch.fx.wrap
+def _cross_dot(cross: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    # A leaf under fx tracing: ``[S]`` <cross_s, v> (no autograd).
+    if lengths.numel() == 1:  # one request (serving): one matrix-vector product
+        return cross.mv(v)  # [S]
+    return (cross * v).sum(dim=-1)  # [S]: each row's value depends on that row alone, bit for bit
+
+
 class TwinRelevance(nn.Module):
     """TWIN's target-behaviour relevance (Eq. 8), shared by the GSU and the ESU.
 
@@ -174,6 +193,29 @@ class TwinRelevance(nn.Module):
             [weighted[:, bounds[j]:bounds[j + 1]].sum(dim=-1) for j in range(len(self.cross_dims))], dim=-1
         )  # [N, C]: one scalar per cross feature
         return projected @ self.beta  # [N, H]
+
+    def ranking_cross_weights(self) -> Optional[torch.Tensor]:
+        """``v [I_c]`` with ``K_c v = mean_h (K_c W_c) beta_h``: the head mean of the cross bias, per model.
+
+        ``mean_h sum_j (K_c^j w_c^j) beta_jh = sum_j K_c^j (w_c^j mean_h beta_jh)``: cross feature j's block of
+        ``v`` is its block of ``w_c`` times the head mean of its row of ``beta`` (None without cross features).
+        """
+        if not self.cross_dims:
+            return None
+        mean_beta = self.beta.mean(dim=-1)  # [C]
+        if len(set(self.cross_dims)) == 1:
+            per_column = mean_beta.repeat_interleave(self.cross_dims[0])  # [I_c]
+        else:
+            per_column = torch.cat([mean_beta[j:j + 1].expand(d) for j, d in enumerate(self.cross_dims)])  # [I_c]
+        return self.w_c * per_column  # [I_c]
+
+    def ranking_bias(self, cross: Optional[torch.Tensor], lengths: torch.Tensor) -> Optional[torch.Tensor]:
+        """The GSU's bias ``mean_h (K_c W_c) beta_h = K_c v``: ``[S, I_c] -> [S]`` (None without cross features)
+        for the rows of ``lengths [B]``; one matrix-vector product for one request (B = 1), else a row-wise
+        product and sum (each behaviour's bias a function of its own row, bit for bit). No ``[S, H]`` tensor."""
+        if cross is None or not self.cross_dims:
+            return None
+        return _cross_dot(cross, self.ranking_cross_weights(), lengths)  # [S]
 
     def scores(
         self, keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]
@@ -292,26 +334,21 @@ class GeneralSearchUnit(nn.Module):
             the :class:`SearchResult`; ties go to the more recent behaviour.
         """
         with torch.no_grad():
-            bias = self.relevance.cross_bias(cross)  # [S, H] or None
+            r = self.relevance
+            q = query.detach().reshape(query.size(0), r.num_heads * r.head_dim)  # [B, H d_k]
             if fold and cached_keys is None and inherent is not None:
                 # mean_h (K_h W_h^h)(q W_q^h)^T = K_h u with u = mean_h W_h^h^T (q W_q^h): no behaviour is projected.
-                r = self.relevance
-                u = query.detach().reshape(query.size(0), -1) @ r.w_h.weight / r.num_heads  # [B, I_h]
-                rows = row_ids(lengths, inherent.size(0))  # [S]
-                score = _dot_rows(inherent.detach().unsqueeze(1), u.unsqueeze(1), rows).squeeze(-1)  # [S]
-                if bias is not None:
-                    score = score + bias.mean(dim=-1)
+                u = q @ r.w_h.weight / r.num_heads  # [B, I_h]
+                score = _rank_dot(inherent.detach(), u, lengths)  # [S]
             else:
                 # The GSU ranks by the mean over heads, mean_h <k_h, q_h> = <k, q> / H over the H d_k-wide rows:
                 # one dot product per behaviour (a matrix-vector product for one request), no [S, H] scores.
                 keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
-                rows = row_ids(lengths, keys.size(0))  # [S]
-                r = self.relevance
-                flat_keys = keys.reshape(keys.size(0), 1, r.num_heads * r.head_dim)  # [S, 1, H d_k]
-                flat_query = query.detach().reshape(query.size(0), 1, r.num_heads * r.head_dim)  # [B, 1, H d_k]
-                score = _dot_rows(flat_keys, flat_query, rows).squeeze(-1) / r.num_heads  # [S]
-                if bias is not None:
-                    score = score + bias.mean(dim=-1)
+                flat_keys = keys.reshape(keys.size(0), r.num_heads * r.head_dim)  # [S, H d_k]
+                score = _rank_dot(flat_keys, q, lengths) / r.num_heads  # [S]
+            bias = r.ranking_bias(cross, lengths)  # [S] or None: the head mean of the cross bias, folded
+            if bias is not None:
+                score = score + bias
             indices, valid = jagged_topk(score, lengths, self.top_k)  # [B, K]
         return SearchResult(indices=indices, valid=valid, scores=score)
 

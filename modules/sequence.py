@@ -126,17 +126,53 @@ def _order_keys(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return (monotonic.to(torch.long) << 32) + positions.to(torch.long)
 
 
+def _top_of_equal_rows(ranked: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B, width]`` positions of the ``width`` best of every row of ``ranked [B, L]`` (float32, no padding),
+    by (score, position) descending, NaN above every number: the order of :func:`_order_keys`.
+
+    One float ``torch.topk`` of ``width + 1`` per row (NaN counted as +inf). Strictly decreasing values (no
+    tie within the chosen or across the cut, the rule for continuous scores): its order is already exact.
+    A tie within only: the chosen set is exact and only its ``width`` members are ordered exactly (by
+    position, then stably by score; ``torch.sort`` puts NaN first). A tie across the cut: the int64 keys of
+    every behaviour decide, as for rows of unequal lengths.
+    """
+    n = ranked.size(1)
+    keyed = torch.nan_to_num(ranked, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))  # [B, L]
+    values, chosen = torch.topk(keyed, min(width + 1, n), dim=1)  # [B, width (+ 1)], ties in any order
+    falls = values[:, 1:] < values[:, :-1]  # [B, width (- 1)]: strictly below the previous
+    if bool(falls.all()):
+        return chosen[:, :width]
+    if width == n or bool(falls[:, width - 1].all()):  # no tie across the cut: the set is exact, order it
+        later_first = chosen[:, :width].sort(dim=1, descending=True).values  # [B, width] positions, later first
+        order = torch.sort(ranked.gather(1, later_first), dim=1, descending=True, stable=True).indices
+        return later_first.gather(1, order)  # [B, width]
+    positions = torch.arange(n, device=ranked.device)  # [L]
+    return torch.topk(_order_keys(ranked, positions), width, dim=1).indices  # [B, width]
+
+
 @torch.fx.wrap
 def _jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # A leaf under fx tracing. Two exact algorithms with one result; no padded [B, L_max, D] anything.
+    # A leaf under fx tracing. Exact algorithms with one result; no padded [B, L_max, D] anything.
     lengths = lengths.to(device=scores.device, dtype=torch.long)
     b, s = lengths.numel(), scores.numel()
     slots = torch.arange(k, device=scores.device)  # [K]
     valid = slots.unsqueeze(0) < lengths.unsqueeze(1)  # [B, K]
     if s == 0:
         return torch.full((b, k), -1, dtype=torch.long, device=scores.device), valid
+    if b == 1 and scores.device.type != "meta":  # one request (serving): no offsets, no padding
+        top = _top_of_equal_rows(scores.detach().float().reshape(1, s), min(k, s))  # [1, min(K, L)]
+        if top.size(1) < k:
+            top = torch.cat([top, top.new_full((1, k - top.size(1)), -1)], dim=1)
+        return top, valid
     offsets = jagged_offsets(lengths)  # [B]
     longest = int(lengths.max()) if scores.device.type != "meta" else 0
+    if scores.device.type != "meta" and b * longest == s:
+        # Rows all L_max long (one request, e.g.): a [B, L] view of the scores, no key for every behaviour.
+        top = _top_of_equal_rows(scores.detach().float().reshape(b, longest), min(k, longest))  # [B, min(K, L)]
+        if top.size(1) < k:
+            top = torch.cat([top, top.new_zeros(b, k - top.size(1))], dim=1)
+        indices = torch.where(valid, offsets.unsqueeze(1) + top, torch.full_like(top, -1))  # [B, K]
+        return indices, valid
     if scores.device.type != "meta" and b * longest <= 2 * s + 4096:
         # Rows of similar lengths: one [B, L_max] int64 key per behaviour, then a per-row top-k (O(S)). The key
         # orders by score, then by position (later first among equal scores); padding slots get the minimum.
