@@ -16,6 +16,7 @@ gloo ranks over synthetic data whose histories are all L = 10^3 and 10^4 long: t
 resident memory per rank (``metrics.json``).
 
     .venv/bin/python benchmarks/gsu_cache.py            # part 1
+    .venv/bin/python benchmarks/gsu_cache.py --requests 1 --lengths 10000 --breakdown 10000  # and its steps
     .venv/bin/python benchmarks/gsu_cache.py --train    # parts 1 and 2 (about 5 min)
 """
 
@@ -34,49 +35,73 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from modules.search import GeneralSearchUnit, TwinRelevance, unique_items  # noqa: E402
+from modules.search import GeneralSearchUnit, TwinRelevance, _rank_dot, unique_items  # noqa: E402
+from modules.sequence import jagged_topk  # noqa: E402
 
 ITEMS, ATTRIBUTE_ROWS = 1_000_000, 100_000
 DIMS = (64, 64, 8)  # item id, author id, category (TWIN 3.2.1: id features 64 wide, the others 8)
 HEADS, HEAD_DIM, TOP_K = 4, 16, 100
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def _time_all(fns: dict, repeats: int) -> dict:
+    """Best time (s) of each function over ``repeats`` rounds; every round calls each function once, in turn,
+    so that a load change on a shared machine touches all of them alike (the ratios within a run hold)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
     return best
 
 
-def gsu_table(lengths: list[int], requests: int, repeats: int, dims: tuple[int, ...] = DIMS,
-              heads: int = HEADS, head_dim: int = HEAD_DIM) -> list[dict]:
-    """``dims``: widths of the inherent features, the first the item id's (ITEMS rows), each other an attribute
-    of the item (ATTRIBUTE_ROWS rows, the item's value drawn at random)."""
-    g = torch.Generator().manual_seed(0)
-    tables = [torch.randn(ITEMS if j == 0 else ATTRIBUTE_ROWS, d, generator=g) for j, d in enumerate(dims)]
-    attribute = [torch.randint(0, ATTRIBUTE_ROWS, (ITEMS,), generator=g) for _ in dims[1:]]  # item -> value
-    inherent_dim = sum(dims)
-    rel = TwinRelevance(inherent_dim, inherent_dim, cross_dims=[4], num_heads=heads, head_dim=head_dim)
-    gsu = GeneralSearchUnit(rel, TOP_K)
+class Setup:
+    """Item tables, a relevance with a random cross term and the projection cache of every item.
 
-    def features(i: torch.Tensor) -> torch.Tensor:
-        return torch.cat([tables[0].index_select(0, i)]
-                         + [t.index_select(0, a[i]) for t, a in zip(tables[1:], attribute)], -1)
+    ``dims``: widths of the inherent features, the first the item id's (ITEMS rows), each other an attribute of
+    the item (ATTRIBUTE_ROWS rows, the item's value drawn at random).
+    """
 
-    with torch.no_grad():
-        cache = torch.cat([rel.keys(features(i)).reshape(len(i), -1)
-                           for i in torch.arange(ITEMS).split(200_000)])  # [ITEMS, H d_k]
-    rows = []
-    for length in lengths:
+    def __init__(self, dims: tuple[int, ...], heads: int, head_dim: int) -> None:
+        self.g = g = torch.Generator().manual_seed(0)
+        self.tables = [torch.randn(ITEMS if j == 0 else ATTRIBUTE_ROWS, d, generator=g) for j, d in enumerate(dims)]
+        self.attribute = [torch.randint(0, ATTRIBUTE_ROWS, (ITEMS,), generator=g) for _ in dims[1:]]  # item -> value
+        self.inherent_dim = sum(dims)
+        self.rel = TwinRelevance(self.inherent_dim, self.inherent_dim, cross_dims=[4], num_heads=heads,
+                                 head_dim=head_dim)
+        with torch.no_grad():
+            self.rel.beta.normal_(generator=g)  # a trained model's cross term (beta starts at 0)
+            self.cache = torch.cat([self.rel.keys(self.features(i)).reshape(len(i), -1)
+                                    for i in torch.arange(ITEMS).split(200_000)])  # [ITEMS, H d_k]
+        self.gsu = GeneralSearchUnit(self.rel, TOP_K)
+
+    def features(self, i: torch.Tensor) -> torch.Tensor:
+        """``[N, I_h]`` the inherent features of items ``i [N]`` (looked up and concatenated)."""
+        return torch.cat([self.tables[0].index_select(0, i)]
+                         + [t.index_select(0, a[i]) for t, a in zip(self.tables[1:], self.attribute)], -1)
+
+    def requests(self, length: int, requests: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(lengths [B], ids [S], cross [S, 4], query [B, H, d_k])`` for B requests of ``length`` behaviours."""
         lens = torch.full((requests,), length)
         # Zipf-like popularity: behaviours repeat popular items, as real histories do.
         ranks = torch.distributions.Pareto(torch.tensor(1.0), torch.tensor(1.2)).sample((requests * length,))
         ids = (ranks.long() - 1).clamp(max=ITEMS - 1)  # [S]
-        cross = torch.randn(requests * length, 4, generator=g)
-        query = rel.query(torch.randn(requests, inherent_dim, generator=g))
+        cross = torch.randn(requests * length, 4, generator=self.g)
+        with torch.no_grad():
+            query = self.rel.query(torch.randn(requests, self.inherent_dim, generator=self.g))
+        return lens, ids, cross, query
+
+
+def gsu_table(lengths: list[int], requests: int, repeats: int, dims: tuple[int, ...] = DIMS,
+              heads: int = HEADS, head_dim: int = HEAD_DIM) -> list[dict]:
+    """Per L: the four paths' time per request, whether naive and cached chose the same top-K, distinct share."""
+    setup = Setup(dims, heads, head_dim)
+    gsu, cache, features = setup.gsu, setup.cache, setup.features
+    rows = []
+    for length in lengths:
+        lens, ids, cross, query = setup.requests(length, requests)
 
         def inherent() -> torch.Tensor:
             return features(ids)
@@ -97,10 +122,49 @@ def gsu_table(lengths: list[int], requests: int, repeats: int, dims: tuple[int, 
             a = gsu(query, lens, cross=cross, inherent=inherent())
             b = gsu(query, lens, cross=cross, cached_keys=cache[ids])
             same = bool(torch.equal(a.indices, b.indices))
-            t = {name: _time(fn, repeats) / requests for name, fn in
-                 (("naive", naive), ("distinct", distinct), ("folded", folded), ("cached", cached))}
+            t = {name: v / requests for name, v in _time_all(
+                {"naive": naive, "distinct": distinct, "folded": folded, "cached": cached}, repeats).items()}
         rows.append({"L": length, **{f"{k}_ms": v * 1e3 for k, v in t.items()}, "same_topk": same,
                      "distinct_items_share": float(len(torch.unique(ids)) / len(ids))})
+    return rows
+
+
+def breakdown(length: int, requests: int, repeats: int, dims: tuple[int, ...] = DIMS, heads: int = HEADS,
+              head_dim: int = HEAD_DIM) -> list[tuple[str, float, float]]:
+    """The naive and the cached path at one L split into their steps, each timed alone (best of ``repeats``,
+    ms per request): ``(step, naive_ms, cached_ms)`` rows, NaN where a path has no such step; "overhead" is
+    the whole call minus its steps (argument handling, reshapes, the no-grad context)."""
+    setup = Setup(dims, heads, head_dim)
+    gsu, cache, rel = setup.gsu, setup.cache, setup.rel
+    lens, ids, cross, query = setup.requests(length, requests)
+    with torch.no_grad():
+        q = query.reshape(requests, -1)  # [B, H d_k]
+        inherent = setup.features(ids)  # [S, I_h]
+        keys = cache.index_select(0, ids)  # [S, H d_k]
+        score = _rank_dot(keys, q, lens) / heads  # [S]
+        bias = rel.ranking_bias(cross, lens)  # [S]
+        steps = {
+            "inherent lookup (concatenated)": (lambda: setup.features(ids), True, False),
+            "projection K_h W_h": (lambda: rel.keys(inherent), True, False),
+            "cache gather (L rows of H d_k)": (lambda: cache.index_select(0, ids), False, True),
+            "key score <k, q> / H": (lambda: _rank_dot(keys, q, lens) / heads, True, True),
+            "cross bias K_c v": (lambda: rel.ranking_bias(cross, lens), True, True),
+            "score + bias": (lambda: score + bias, True, True),
+            "top-K (jagged_topk)": (lambda: jagged_topk(score + bias, lens, TOP_K), True, True),
+        }
+        timed = {name: fn for name, (fn, _, _) in steps.items()}
+        timed["whole naive"] = lambda: gsu(query, lens, cross=cross, inherent=setup.features(ids))
+        timed["whole cached"] = lambda: gsu(query, lens, cross=cross, cached_keys=cache.index_select(0, ids))
+        timed["floor"] = lambda: torch.topk(score.view(requests, length), TOP_K, dim=1)
+        t = {name: v / requests * 1e3 for name, v in _time_all(timed, repeats).items()}  # ms per request
+    nan = float("nan")
+    rows = [(name, t[name] if naive else nan, t[name] if cached else nan) for name, (_, naive, cached) in steps.items()]
+    parts_naive = sum(r[1] for r in rows if r[1] == r[1])
+    parts_cached = sum(r[2] for r in rows if r[2] == r[2])
+    total_naive, total_cached = t["whole naive"], t["whole cached"]
+    rows.append(("overhead (call - steps)", total_naive - parts_naive, total_cached - parts_cached))
+    rows.append(("whole call", total_naive, total_cached))
+    rows.append(("(reference: one torch.topk of the scores)", nan, t["floor"]))
     return rows
 
 
@@ -148,6 +212,8 @@ def main() -> None:
                         help="inherent feature widths, item id first (default: TWIN 3.2.1's 64 64 8)")
     parser.add_argument("--heads", type=int, default=HEADS)
     parser.add_argument("--head-dim", type=int, default=HEAD_DIM)
+    parser.add_argument("--breakdown", type=int, metavar="L", default=0,
+                        help="also time the steps of the naive and the cached path at this L (e.g. 10000)")
     parser.add_argument("--train", action="store_true", help="also the end-to-end training part")
     parser.add_argument("--train-lengths", type=int, nargs="+", default=[1_000, 10_000])
     parser.add_argument("--out", type=Path, default=ROOT / "runs/gsu_cache")
@@ -164,6 +230,14 @@ def main() -> None:
               f"| {r['naive_ms'] / r['cached_ms']:.1f}x | {r['naive_ms'] / r['folded_ms']:.1f}x "
               f"| {r['naive_ms'] / r['distinct_ms']:.1f}x "
               f"| {r['distinct_items_share']:.2f} | {r['same_topk']} |")
+    if args.breakdown:
+        print(f"\nSteps at L = {args.breakdown:,} (ms per request, each step timed alone, best of {args.repeats})")
+        print("| step | naive ms | cached ms |")
+        print("|---|---|---|")
+        for name, naive_ms, cached_ms in breakdown(args.breakdown, args.requests, args.repeats, tuple(args.dims),
+                                                   args.heads, args.head_dim):
+            cells = [f"{x:.3f}" if x == x else "-" for x in (naive_ms, cached_ms)]
+            print(f"| {name} | {cells[0]} | {cells[1]} |")
     if args.train:
         args.out.mkdir(parents=True, exist_ok=True)
         trows = train_table(args.train_lengths, args.out)

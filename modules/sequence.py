@@ -167,7 +167,7 @@ def _jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[t
     offsets = jagged_offsets(lengths)  # [B]
     longest = int(lengths.max()) if scores.device.type != "meta" else 0
     if scores.device.type != "meta" and b * longest == s:
-        # Rows all L_max long (one request, e.g.): a [B, L] view of the scores, no key for every behaviour.
+        # Rows all L_max long (a batch of equal requests): a [B, L] view of the scores, no key per behaviour.
         top = _top_of_equal_rows(scores.detach().float().reshape(b, longest), min(k, longest))  # [B, min(K, L)]
         if top.size(1) < k:
             top = torch.cat([top, top.new_zeros(b, k - top.size(1))], dim=1)
@@ -205,11 +205,14 @@ def jagged_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> tuple[to
     with fewer than ``k`` behaviours fills its first ``len_b`` slots; the others are padding: ``valid``
     False and index ``-1``. NaN scores rank above every number (``torch.sort``'s order).
 
-    Rows of similar lengths (``B * L_max <= 2 S + 4096``) take a per-row ``torch.topk`` over one int64 key per
-    behaviour (score bits, then position), ``[B, L_max]`` integers: O(S) time. Very uneven rows take two stable
-    sorts of the S scores instead (O(S log S) time, O(S) memory). Both give the same indices; neither builds a
-    padded ``[B, L_max, D]`` tensor, so rows of 10^5 behaviours cost O(S) memory. Indices only (no gradient flows through the selection); gather
-    the chosen behaviours with :func:`select_jagged`. A leaf under ``torch.fx`` tracing.
+    Rows all of one length (one request: serving) take one float ``torch.topk`` of ``k + 1`` per row over a
+    ``[B, L]`` view of the scores and order only the ``k`` chosen exactly (nothing more when the chosen scores
+    strictly decrease; a tie across the cut falls back to the keys below). Other rows of similar lengths
+    (``B * L_max <= 2 S + 4096``) take a per-row ``torch.topk`` over one int64 key per behaviour (score bits,
+    then position), ``[B, L_max]`` integers: O(S) time. Very uneven rows take two stable sorts of the S scores
+    instead (O(S log S) time, O(S) memory). All give the same indices; none builds a padded ``[B, L_max, D]``
+    tensor, so rows of 10^5 behaviours cost O(S) memory. Indices only (no gradient flows through the
+    selection); gather the chosen behaviours with :func:`select_jagged`. A leaf under ``torch.fx`` tracing.
 
     Args:
         scores: ``[S]`` one score per behaviour, rows concatenated, S = sum(lengths).
