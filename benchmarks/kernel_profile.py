@@ -3,7 +3,7 @@ default size: 10^6 x 64 (+ 10^5 x 64) tables, 64k ids per rank, Zipf 1.05, seque
 
 For each variant of :mod:`benchmarks.kernel_study` asked for (default ``ec/fused/sgd``, the zoo's path, and
 ``bags/fused/sgd``, the same rows as one-id bags) and each world size (default 1 rank table-wise and 2 ranks
-row-wise, gloo on this machine's 2 cores), ``--warmup`` steps run, then one step runs under
+row-wise or ``--sharding table_wise``, gloo on this machine's 2 cores), ``--warmup`` steps run, then one step runs under
 ``torch.profiler`` (CPU activities) on every rank; rank 0's ops are grouped by self CPU time into
 
 * ``tbe backward``: fbgemm's backward kernel, which sorts / groups the ids by row and applies the optimizer
@@ -17,8 +17,8 @@ row-wise, gloo on this machine's 2 cores), ``--warmup`` steps run, then one step
   KJT and awaitable bookkeeping in Python;
 * ``other``: the rest.
 
-It prints, per run, the shares and the top ``--top`` ops, and writes ``<out>/<variant>_<ranks>r.txt`` (the
-profiler's table) and ``.json`` (a Chrome trace). Beside them it times, on the same ids, what a backward must
+It prints, per run, the shares and the top ``--top`` ops, and writes ``<out>/<variant>_<ranks>r_<sharding>.txt``
+(the profiler's table) and ``.json`` (a Chrome trace). Beside them it times, on the same ids, what a backward must
 do at least: ``torch.sort`` of each feature's ids (a sort-based grouping) and ``index_add_`` of the gradient
 rows into a table (the scatter), so the kernel's time can be read against them.
 
@@ -123,16 +123,18 @@ def profile_step(variant: str, p: Params, rank: int, out: Path, sharding: str, t
     self_us = {e.key: float(e.self_cpu_time_total) for e in avgs}
     world = dist.get_world_size()
     if rank == 0:
-        stem = out / f"{variant.replace('/', '_')}_{world}r"
+        stem = out / f"{variant.replace('/', '_')}_{world}r_{sharding}"
         (stem.with_suffix(".txt")).write_text(avgs.table(sort_by="self_cpu_time_total", row_limit=40))
         prof.export_chrome_trace(str(stem.with_suffix(".json")))
     ranked = sorted(self_us.items(), key=lambda kv: -kv[1])[:top]
-    return {"variant": variant, "ranks": world, "wall_ms": 1e3 * wall, "self_ms": sum(self_us.values()) / 1e3,
+    return {"variant": variant, "ranks": world, "sharding": sharding, "wall_ms": 1e3 * wall,
+            "self_ms": sum(self_us.values()) / 1e3,
             "shares": shares(self_us), "top": [(k, us / 1e3, category(k)) for k, us in ranked],
             **_refs(ids, p.dim, p.table_rows())}
 
 
-def _worker(rank: int, world: int, variants: Sequence[str], p: Params, out: Path, top: int, tmp: str) -> None:
+def _worker(rank: int, world: int, variants: Sequence[str], p: Params, out: Path, top: int, sharding: str,
+            tmp: str) -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     for name in ("torchrec", "torch.fx"):
@@ -140,7 +142,7 @@ def _worker(rank: int, world: int, variants: Sequence[str], p: Params, out: Path
     store = dist.FileStore(os.path.join(tmp, "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
-        sharding = "table_wise" if world == 1 else "row_wise"
+        sharding = "table_wise" if world == 1 else sharding
         res = [profile_step(v, p, rank, out, sharding, top) for v in variants]
         if rank == 0:
             torch.save(res, os.path.join(tmp, "result.pt"))
@@ -150,8 +152,8 @@ def _worker(rank: int, world: int, variants: Sequence[str], p: Params, out: Path
 
 def summary(r: dict[str, Any]) -> str:
     """Shares and top ops of one profiled step, as printed."""
-    head = (f"{r['variant']} at {r['ranks']} rank(s): step {r['wall_ms']:.1f} ms wall under the profiler, "
-            f"{r['self_ms']:.1f} ms self CPU in ops; references on the same ids: sort {r['sort_ms']:.1f} ms, "
+    head = (f"{r['variant']} at {r['ranks']} rank(s) {r['sharding']}: step {r['wall_ms']:.1f} ms wall under the "
+            f"profiler, {r['self_ms']:.1f} ms self CPU in ops; references on the same ids: sort {r['sort_ms']:.1f} ms, "
             f"index_add_ {r['index_add_ms']:.1f} ms")
     cats = format_table(["category", "share", "ms"], [[k, f"{v:.1%}", f"{v * r['self_ms']:.2f}"]
                                                       for k, v in r["shares"].items()])
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--ids", type=int, default=65_536)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=12, help="ops listed per run")
+    ap.add_argument("--sharding", choices=["row_wise", "table_wise"], default="row_wise",
+                    help="of the runs on more than 1 rank (1 rank is table-wise)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "kernel_profile")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for world in args.ranks:
         with tempfile.TemporaryDirectory(prefix="kernel_profile_") as tmp:
-            mp.spawn(_worker, args=(world, args.variants, p, args.out, args.top, tmp), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, args.variants, p, args.out, args.top, args.sharding, tmp), nprocs=world,
+                     join=True)
             results += torch.load(os.path.join(tmp, "result.pt"), weights_only=False)
     print(f"profile of one step: t_hist_item_id {p.rows} x {p.dim} (+ {p.rows // 10} x {p.dim}), {p.ids} ids per rank"
           f" (zipf {p.zipf}), after {p.warmup} warm-up steps; rank 0's ops; files in {args.out}")
