@@ -129,42 +129,57 @@ def gsu_table(lengths: list[int], requests: int, repeats: int, dims: tuple[int, 
     return rows
 
 
+def _time_steps(steps: list, whole, repeats: int) -> dict:
+    """Best time (s) of each step of a path run in order, each on the previous steps' outputs, as inside the
+    call (the data a step reads is as warm as there), and of the whole call right after, per round."""
+    best: dict = {}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        state: dict = {}
+        times = {}
+        for name, key, fn in steps:
+            t = time.perf_counter()
+            state[key] = fn(state)
+            times[name] = time.perf_counter() - t
+        t = time.perf_counter()
+        whole()
+        times["whole call"] = time.perf_counter() - t
+        if round_:
+            best = {k: min(v, best.get(k, float("inf"))) for k, v in times.items()}
+    return best
+
+
 def breakdown(length: int, requests: int, repeats: int, dims: tuple[int, ...] = DIMS, heads: int = HEADS,
               head_dim: int = HEAD_DIM) -> list[tuple[str, float, float]]:
-    """The naive and the cached path at one L split into their steps, each timed alone (best of ``repeats``,
-    ms per request): ``(step, naive_ms, cached_ms)`` rows, NaN where a path has no such step; "overhead" is
-    the whole call minus its steps (argument handling, reshapes, the no-grad context)."""
+    """The naive and the cached path at one L split into their steps, run in order on each other's outputs
+    (best of ``repeats`` rounds per step), ms per request: ``(step, naive_ms, cached_ms)`` rows, NaN where a
+    path has no such step; "overhead" is the whole call minus its steps (argument handling, reshapes, the head
+    mean of beta folded into ``v``), and the last row one ``torch.topk`` of the scores for reference."""
     setup = Setup(dims, heads, head_dim)
     gsu, cache, rel = setup.gsu, setup.cache, setup.rel
     lens, ids, cross, query = setup.requests(length, requests)
+    q = query.reshape(requests, -1)  # [B, H d_k]
+    scoring = [
+        ("key score <k, q> / H", "score", lambda st: _rank_dot(st["keys"], q, lens) / heads),
+        ("cross bias K_c v", "bias", lambda st: rel.ranking_bias(cross, lens)),
+        ("score + bias", "total", lambda st: st["score"] + st["bias"]),
+        ("top-K (jagged_topk)", "top", lambda st: jagged_topk(st["total"], lens, TOP_K)),
+    ]
+    naive = [("inherent lookup (concatenated)", "inherent", lambda st: setup.features(ids)),
+             ("projection K_h W_h", "keys", lambda st: rel.keys(st["inherent"]).reshape(len(ids), -1)), *scoring]
+    cached = [("cache gather (L rows of H d_k)", "keys", lambda st: cache.index_select(0, ids)), *scoring]
     with torch.no_grad():
-        q = query.reshape(requests, -1)  # [B, H d_k]
-        inherent = setup.features(ids)  # [S, I_h]
-        keys = cache.index_select(0, ids)  # [S, H d_k]
-        score = _rank_dot(keys, q, lens) / heads  # [S]
-        bias = rel.ranking_bias(cross, lens)  # [S]
-        steps = {
-            "inherent lookup (concatenated)": (lambda: setup.features(ids), True, False),
-            "projection K_h W_h": (lambda: rel.keys(inherent), True, False),
-            "cache gather (L rows of H d_k)": (lambda: cache.index_select(0, ids), False, True),
-            "key score <k, q> / H": (lambda: _rank_dot(keys, q, lens) / heads, True, True),
-            "cross bias K_c v": (lambda: rel.ranking_bias(cross, lens), True, True),
-            "score + bias": (lambda: score + bias, True, True),
-            "top-K (jagged_topk)": (lambda: jagged_topk(score + bias, lens, TOP_K), True, True),
-        }
-        timed = {name: fn for name, (fn, _, _) in steps.items()}
-        timed["whole naive"] = lambda: gsu(query, lens, cross=cross, inherent=setup.features(ids))
-        timed["whole cached"] = lambda: gsu(query, lens, cross=cross, cached_keys=cache.index_select(0, ids))
-        timed["floor"] = lambda: torch.topk(score.view(requests, length), TOP_K, dim=1)
-        t = {name: v / requests * 1e3 for name, v in _time_all(timed, repeats).items()}  # ms per request
-    nan = float("nan")
-    rows = [(name, t[name] if naive else nan, t[name] if cached else nan) for name, (_, naive, cached) in steps.items()]
-    parts_naive = sum(r[1] for r in rows if r[1] == r[1])
-    parts_cached = sum(r[2] for r in rows if r[2] == r[2])
-    total_naive, total_cached = t["whole naive"], t["whole cached"]
-    rows.append(("overhead (call - steps)", total_naive - parts_naive, total_cached - parts_cached))
-    rows.append(("whole call", total_naive, total_cached))
-    rows.append(("(reference: one torch.topk of the scores)", nan, t["floor"]))
+        t_naive = _time_steps(naive, lambda: gsu(query, lens, cross=cross, inherent=setup.features(ids)), repeats)
+        t_cached = _time_steps(cached, lambda: gsu(query, lens, cross=cross, cached_keys=cache.index_select(0, ids)),
+                               repeats)
+        score = gsu(query, lens, cross=cross, cached_keys=cache.index_select(0, ids)).scores.view(requests, length)
+        floor = _time_all({"topk": lambda: torch.topk(score, TOP_K, dim=1)}, repeats)["topk"]
+    nan, ms = float("nan"), 1e3 / requests
+    names = list(dict.fromkeys([name for name, _, _ in naive + cached]))
+    rows = [(n, t_naive.get(n, nan) * ms, t_cached.get(n, nan) * ms) for n in names]
+    rows.append(("overhead (call - steps)", (t_naive["whole call"] - sum(t_naive[n] for n, _, _ in naive)) * ms,
+                 (t_cached["whole call"] - sum(t_cached[n] for n, _, _ in cached)) * ms))
+    rows.append(("whole call", t_naive["whole call"] * ms, t_cached["whole call"] * ms))
+    rows.append(("(reference: one torch.topk of the scores)", nan, floor * ms))
     return rows
 
 
@@ -231,7 +246,7 @@ def main() -> None:
               f"| {r['naive_ms'] / r['distinct_ms']:.1f}x "
               f"| {r['distinct_items_share']:.2f} | {r['same_topk']} |")
     if args.breakdown:
-        print(f"\nSteps at L = {args.breakdown:,} (ms per request, each step timed alone, best of {args.repeats})")
+        print(f"\nSteps at L = {args.breakdown:,} (ms per request, steps in order, best of {args.repeats} per step)")
         print("| step | naive ms | cached ms |")
         print("|---|---|---|")
         for name, naive_ms, cached_ms in breakdown(args.breakdown, args.requests, args.repeats, tuple(args.dims),

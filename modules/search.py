@@ -202,12 +202,12 @@ class TwinRelevance(nn.Module):
         """
         if not self.cross_dims:
             return None
-        mean_beta = self.beta.mean(dim=-1)  # [C]
-        if len(set(self.cross_dims)) == 1:
-            per_column = mean_beta.repeat_interleave(self.cross_dims[0])  # [I_c]
-        else:
-            per_column = torch.cat([mean_beta[j:j + 1].expand(d) for j, d in enumerate(self.cross_dims)])  # [I_c]
-        return self.w_c * per_column  # [I_c]
+        mean_beta = self.beta.sum(dim=-1, keepdim=True) / self.num_heads  # [C, 1] (as beta.mean(-1), fewer ops)
+        c, d = len(self.cross_dims), self.cross_dims[0]
+        if self.cross_dims == [d] * c:  # equal widths: one broadcast product
+            return (self.w_c.view(c, d) * mean_beta).view(c * d)  # [C, d] -> [I_c]
+        bounds = [sum(self.cross_dims[:j]) for j in range(c + 1)]  # Python ints: traceable
+        return torch.cat([self.w_c[bounds[j]:bounds[j + 1]] * mean_beta[j, 0] for j in range(c)])  # [I_c]
 
     def ranking_bias(self, cross: Optional[torch.Tensor], lengths: torch.Tensor) -> Optional[torch.Tensor]:
         """The GSU's bias ``mean_h (K_c W_c) beta_h = K_c v``: ``[S, I_c] -> [S]`` (None without cross features)
