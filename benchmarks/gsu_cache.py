@@ -11,6 +11,12 @@ TWIN section 3.2.1 (item id and author id 64 wide, category 8 wide), 4 heads of 
 * folded: the same lookups, W_h folded into the query (a dot product with the inherent features, no projection);
 * cached: look the cached projection (``H * d_k`` = 64 wide, one row per item) up, score, top-100.
 
+Every score includes a cross term (4 floats per behaviour, ``beta`` drawn at random as a trained model's: at
+initialisation ``beta = 0``); the paths are timed in turn in every round (best of ``--repeats``), and "same
+top-K" compares the naive and the cached path's indices. ``--breakdown L`` also runs the naive and the cached
+path step by step at that L (lookup or gather, projection, key score, cross bias, top-K; each step on the
+previous one's output) against the whole call, to show where the time goes.
+
 Part 2 (``--train``): ``launch.train`` of ``configs/tests/twin_tiny.yaml``'s model at embedding dim 16 on 2
 gloo ranks over synthetic data whose histories are all L = 10^3 and 10^4 long: training samples/s and peak
 resident memory per rank (``metrics.json``).
