@@ -95,15 +95,38 @@ def _dot_rows(keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor) -> to
     return (keys * query[rows]).sum(dim=-1)  # [N, H]
 
 
+# Several requests on CPU: products and row sums over chunks of about this many floats (1 MiB; the same per-row
+# bits as one product over all S, without an [S, W] temporary far larger than the cache).
+_RANK_CHUNK_FLOATS = 1 << 18
+
+
 @torch.fx.wrap
 def _rank_dot(x: torch.Tensor, query: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     # A leaf under fx tracing: ``[S]`` <x_s, query of s's row> for x ``[S, W]``, query ``[B, W]`` (no autograd).
     if query.size(0) == 1:  # one request (serving): one matrix-vector product (the bits of an [S, W] x [W, 1] GEMM)
         return x.mv(query[0])  # [S]
-    b, s = query.size(0), x.size(0)
+    b, s, w = query.size(0), x.size(0), x.size(1)
+    chunk = max(1, _RANK_CHUNK_FLOATS // max(w, 1))  # behaviours per chunk
+    chunked = x.device.type == "cpu" and s > 2 * chunk  # else one product over all S
     if s % b == 0 and bool((lengths == s // b).all()):  # equal rows: broadcast the B queries, no [S, W] gather
-        return (x.reshape(b, s // b, -1) * query.unsqueeze(1)).sum(dim=-1).reshape(s)  # [B, L, W] -> [S]
-    return (x * query[row_ids(lengths, s)]).sum(dim=-1)  # [S]
+        n = s // b
+        if not chunked:
+            return (x.reshape(b, n, w) * query.unsqueeze(1)).sum(dim=-1).reshape(s)  # [B, L, W] -> [S]
+        xs, out = x.reshape(b, n, w), x.new_empty(b, n)  # [B, L, W], [B, L]
+        step = max(1, chunk // n)  # whole rows at a time, or one row in chunks
+        for r in range(0, b, step):
+            for i in range(0, n, chunk):
+                part = (slice(r, r + step), slice(i, i + chunk))
+                torch.sum(xs[part] * query[r:r + step].unsqueeze(1), dim=-1, out=out[part])
+        return out.view(s)  # [S]
+    rows = row_ids(lengths, s)  # [S]
+    if not chunked:
+        return (x * query[rows]).sum(dim=-1)  # [S]
+    out = x.new_empty(s)
+    for start in range(0, s, chunk):
+        part = slice(start, start + chunk)
+        torch.sum(x[part] * query[rows[part]], dim=-1, out=out[part])
+    return out  # [S]
 
 
 @torch.fx.wrap

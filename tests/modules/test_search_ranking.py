@@ -87,7 +87,8 @@ def _check_indices(result, tops: list[list[int]], lengths: torch.Tensor, k: int,
     [200, 200, 200],  # several requests, equal rows
     [0, 3, 150, 0, 1, 260],  # empty, short and long rows
     [100_000],  # one request of 10^5 behaviours
-    [100_000, 7, 100_000],  # 10^5 rows beside a short one
+    [100_000, 7, 100_000],  # 10^5 rows beside a short one (chunked row sums)
+    [30_000, 30_000],  # equal rows, chunked row sums
 ])
 def test_every_path_ranks_exactly_like_the_reference(lengths):
     rel, query, lens, ids, table, inherent, cross = _case(lengths, seed=len(lengths), exact=True)
