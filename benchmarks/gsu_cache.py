@@ -158,15 +158,15 @@ def breakdown(length: int, requests: int, repeats: int, dims: tuple[int, ...] = 
               head_dim: int = HEAD_DIM) -> list[tuple[str, float, float]]:
     """The naive and the cached path at one L split into their steps, run in order on each other's outputs
     (best of ``repeats`` rounds per step), ms per request: ``(step, naive_ms, cached_ms)`` rows, NaN where a
-    path has no such step; "overhead" is the whole call minus its steps (argument handling, reshapes, the head
-    mean of beta folded into ``v``), and the last row one ``torch.topk`` of the scores for reference."""
+    path has no such step; "overhead" is the whole call minus its steps (argument handling, reshapes, the
+    no-grad context), and the last row one ``torch.topk`` of the scores for reference."""
     setup = Setup(dims, heads, head_dim)
     gsu, cache, rel = setup.gsu, setup.cache, setup.rel
     lens, ids, cross, query = setup.requests(length, requests)
     q = query.reshape(requests, -1)  # [B, H d_k]
     scoring = [
         ("key score <k, q> / H", "score", lambda st: _rank_dot(st["keys"], q, lens) / heads),
-        ("cross bias K_c v", "bias", lambda st: rel.ranking_bias(cross, lens)),
+        ("cross bias mean_h (K_c W_c) beta_h", "bias", lambda st: rel.cross_bias(cross).mean(dim=-1)),
         ("score + bias", "total", lambda st: st["score"] + st["bias"]),
         ("top-K (jagged_topk)", "top", lambda st: jagged_topk(st["total"], lens, TOP_K)),
     ]

@@ -129,14 +129,6 @@ def _rank_dot(x: torch.Tensor, query: torch.Tensor, lengths: torch.Tensor) -> to
     return out  # [S]
 
 
-@torch.fx.wrap
-def _cross_dot(cross: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    # A leaf under fx tracing: ``[S]`` <cross_s, v> (no autograd).
-    if lengths.numel() == 1:  # one request (serving): one matrix-vector product
-        return cross.mv(v)  # [S]
-    return (cross * v).sum(dim=-1)  # [S]: each row's value depends on that row alone, bit for bit
-
-
 class TwinRelevance(nn.Module):
     """TWIN's target-behaviour relevance (Eq. 8), shared by the GSU and the ESU.
 
@@ -216,29 +208,6 @@ class TwinRelevance(nn.Module):
             [weighted[:, bounds[j]:bounds[j + 1]].sum(dim=-1) for j in range(len(self.cross_dims))], dim=-1
         )  # [N, C]: one scalar per cross feature
         return projected @ self.beta  # [N, H]
-
-    def ranking_cross_weights(self) -> Optional[torch.Tensor]:
-        """``v [I_c]`` with ``K_c v = mean_h (K_c W_c) beta_h``: the head mean of the cross bias, per model.
-
-        ``mean_h sum_j (K_c^j w_c^j) beta_jh = sum_j K_c^j (w_c^j mean_h beta_jh)``: cross feature j's block of
-        ``v`` is its block of ``w_c`` times the head mean of its row of ``beta`` (None without cross features).
-        """
-        if not self.cross_dims:
-            return None
-        mean_beta = self.beta.sum(dim=-1, keepdim=True) / self.num_heads  # [C, 1] (as beta.mean(-1), fewer ops)
-        c, d = len(self.cross_dims), self.cross_dims[0]
-        if self.cross_dims == [d] * c:  # equal widths: one broadcast product
-            return (self.w_c.view(c, d) * mean_beta).view(c * d)  # [C, d] -> [I_c]
-        bounds = [sum(self.cross_dims[:j]) for j in range(c + 1)]  # Python ints: traceable
-        return torch.cat([self.w_c[bounds[j]:bounds[j + 1]] * mean_beta[j, 0] for j in range(c)])  # [I_c]
-
-    def ranking_bias(self, cross: Optional[torch.Tensor], lengths: torch.Tensor) -> Optional[torch.Tensor]:
-        """The GSU's bias ``mean_h (K_c W_c) beta_h = K_c v``: ``[S, I_c] -> [S]`` (None without cross features)
-        for the rows of ``lengths [B]``; one matrix-vector product for one request (B = 1), else a row-wise
-        product and sum (each behaviour's bias a function of its own row, bit for bit). No ``[S, H]`` tensor."""
-        if cross is None or not self.cross_dims:
-            return None
-        return _cross_dot(cross, self.ranking_cross_weights(), lengths)  # [S]
 
     def scores(
         self, keys: torch.Tensor, query: torch.Tensor, rows: torch.Tensor, bias: Optional[torch.Tensor]
@@ -369,9 +338,11 @@ class GeneralSearchUnit(nn.Module):
                 keys = self.projected_keys(inherent, items, cached_keys)  # [S, H, d_k]
                 flat_keys = keys.reshape(keys.size(0), r.num_heads * r.head_dim)  # [S, H d_k]
                 score = _rank_dot(flat_keys, q, lengths) / r.num_heads  # [S]
-            bias = r.ranking_bias(cross, lengths)  # [S] or None: the head mean of the cross bias, folded
+            # The head mean of the cross bias with the ESU's own arithmetic: folding it into one vector v
+            # (K_c v, v = w_c * mean_h beta) is the same number up to rounding, and rounding decides near-ties.
+            bias = r.cross_bias(cross)  # [S, H] or None
             if bias is not None:
-                score = score + bias
+                score = score + bias.mean(dim=-1)
             indices, valid = jagged_topk(score, lengths, self.top_k)  # [B, K]
         return SearchResult(indices=indices, valid=valid, scores=score)
 

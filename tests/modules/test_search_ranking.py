@@ -133,22 +133,6 @@ def test_several_requests_score_repeated_behaviours_bit_equal():
                 assert res.scores[i] > res.scores[j] or (res.scores[i] == res.scores[j] and i > j), (name, b)
 
 
-def test_ranking_cross_weights_fold_the_head_mean_of_the_cross_bias():
-    g = torch.Generator().manual_seed(0)
-    for dims in ([4, 1, 3], [5, 5]):
-        rel = TwinRelevance(I_H, I_H, cross_dims=dims, num_heads=3, head_dim=DK)
-        with torch.no_grad():
-            rel.beta.copy_(torch.randn(len(dims), 3, generator=g))
-        cross = torch.randn(50, sum(dims), generator=g)
-        want = rel.cross_bias(cross).mean(-1)  # [S]: the ESU's [S, H] bias, mean over heads
-        v = rel.ranking_cross_weights()
-        assert v.shape == (sum(dims),)
-        for lens in (torch.tensor([50]), torch.tensor([20, 30])):  # one request (mv) and several (row sums)
-            torch.testing.assert_close(rel.ranking_bias(cross, lens), want, rtol=1e-5, atol=1e-6)
-    plain = TwinRelevance(I_H, I_H, cross_dims=[], num_heads=H, head_dim=DK)
-    assert plain.ranking_cross_weights() is None and plain.ranking_bias(torch.zeros(3, 0), torch.tensor([3])) is None
-
-
 def _plain_topk(scores: torch.Tensor, lengths: torch.Tensor, k: int) -> list[list[int]]:
     """Per row by (score, position) descending in Python; NaN above +inf, -0.0 equal to 0.0."""
     out = []
