@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from datasets.epochs import EpochLayout, StreamStart, stream_after, stream_layouts
-from datasets.reader import count_rows, steps_per_epoch
+from datasets.reader import count_rows, steps_per_epoch, stream_steps
 from datasets.schema import DataError
 from launch.config import ExperimentConfig
 
@@ -66,7 +66,7 @@ def total_steps(cfg: ExperimentConfig, world_size: int, seg: Optional[Segment] =
         spe = _check_steps(cfg, world_size)
         if seg is None or seg == Segment():
             return cfg.train.epochs * spe
-        return seg.base_step + sum(lay.steps for _, lay in segment_layouts(cfg, world_size, seg))
+        return seg.base_step + stream_steps(cfg.data, world_size, cfg.train.epochs, seg.start)
     return cfg.train.max_steps
 
 
