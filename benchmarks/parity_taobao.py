@@ -11,12 +11,11 @@ What it does, from the repository root with ``../shared`` beside it:
 4. prints our test AUC (mean and sd over seeds, and each seed) beside the official code's figures, read from
    ``../shared/REFERENCE_RUNS.md``, and our training samples/s at 1 and 2 ranks beside the official figure.
 
-Protocol differences that remain (see README, Parity): the official code trains embeddings with Adam (fbgemm
-has no fused Adam on CPU; the zoo's protocol configs use fused Adagrad on the tables and Adam on the dense
-part); the official code reports test AUC on 8,192 of the 9,000 test rows (it drops the last partial batch),
-the zoo on all 9,000. ``samples/s`` is the trainer's own: global batch x steps / the slowest rank's time inside
-the training steps (evaluation and checkpointing outside), comparable to REFERENCE_RUNS.md's "training time
-only"; the official figure was measured on a quiet machine, ours in this run, so read the ratio as indicative.
+Protocol differences that remain (see README, Parity): the official code adds an auxiliary loss; it reports
+test AUC on 8,192 of the 9,000 test rows (it drops the last partial batch), the zoo on all 9,000.
+``samples/s`` is the trainer's own: global batch x steps / the slowest rank's time inside the training steps
+(evaluation and checkpointing outside), comparable to REFERENCE_RUNS.md's "training time only"; the official
+figure was measured on a quiet machine, ours in this run, so read the ratio as indicative.
 
     .venv/bin/python benchmarks/parity_taobao.py                 # 3 seeds, 2 ranks, plus 1 rank for speed
     .venv/bin/python benchmarks/parity_taobao.py --seeds 1 --models din
@@ -41,7 +40,8 @@ WORLD_ARGS = [
     "--session-mean", "2", "--explore", "0.3", "--item-zipf", "0.6", "--fav-prob", "0.05", "--dirichlet", "5",
     "--drift", "0.05", "--seed", "1",
 ]  # fmt: skip
-OFFICIAL_NAMES = {"din": "DIN", "twin": "TWIN", "dare": "DARE"}
+# Each protocol config against its official line (twin_shared: the official code's own TWIN, a shared table).
+OFFICIAL_NAMES = {"din": "DIN", "twin": "TWIN", "twin_shared": "TWIN", "dare": "DARE"}
 
 
 def official_results(path: Path) -> dict[str, dict]:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"parity on the public reference world ({SHARED / 'REFERENCE_RUNS.md'}): test AUC after 1 epoch, best of 4"
           f" validations; ours: {args.seeds} seeds on 2 ranks")
-    header = (f"{'model':<6} {'official AUC mean (sd)':>22} {'ours mean (sd)':>16} {'ours per seed':>24} "
+    header = (f"{'model':<11} {'official AUC mean (sd)':>22} {'ours mean (sd)':>16} {'ours per seed':>24} "
               f"{'ours 1 rank':>11} {'official sps':>12} {'ours sps x1':>11} {'ours sps x2':>11} {'x2 / official':>13}")
     print(header)
     print("-" * len(header))
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         o_txt = f"{statistics.mean(o):.4f} ({statistics.stdev(o):.4f})" if o else "n/a"
         sd = statistics.stdev(r["aucs"]) if len(r["aucs"]) > 1 else 0.0
         ratio = r["sps_2"] / r["official_sps"] if r["official_sps"] else float("nan")
-        print(f"{r['model']:<6} {o_txt:>22} {statistics.mean(r['aucs']):>9.4f} ({sd:.4f}) "
+        print(f"{r['model']:<11} {o_txt:>22} {statistics.mean(r['aucs']):>9.4f} ({sd:.4f}) "
               f"{' '.join(f'{a:.4f}' for a in r['aucs']):>24} {r['auc_1rank']:>11.4f} "
               f"{r['official_sps'] or float('nan'):>12.0f} {r['sps_1']:>11.0f} {r['sps_2']:>11.0f} {ratio:>13.2f}")
     return rows

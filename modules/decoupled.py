@@ -118,3 +118,63 @@ class DecoupledEmbedding(nn.Module):
             ta, ha = self._views(self.attn_target, self.attn, kjt)
             tr, hr = self._views(self.repr_target, self.repr, kjt)
         return ItemViews(ta, ha.values(), tr, hr.values(), ha.lengths())
+
+
+class DecoupledBuckets(nn.Module):
+    """A bucketed behaviour feature (DARE's time embedding: the log2 bucket of the time since the behaviour) as
+    decoupled tables in the layout of :class:`DecoupledEmbedding`: ``attn`` at ``attn_dim`` and ``repr`` at
+    ``repr_dim`` (``tables=2``), one shared table (``tables=1``), or four (``tables=4``: target and behaviour
+    apart). Its few rows (one per bucket) are dense parameters, replicated like the MLP.
+
+    :meth:`extend` appends its columns to the item views: ``A`` grows by ``attn_dim`` and ``R`` by
+    ``repr_dim``, so the attention reads only the attention bucket table and the representation only the
+    representation one (the two gradients stay apart, as for the item tables).
+
+    Args:
+        buckets: rows of each table.
+        attn_dim: width of the attention table(s).
+        repr_dim: width of the representation table(s).
+        tables: 1, 2 or 4 (as :class:`DecoupledEmbedding`).
+        device: where the tables are created (``meta`` allowed).
+    """
+
+    def __init__(self, buckets: int, attn_dim: int, repr_dim: int, tables: int = 2,
+                 device: Optional[torch.device] = None) -> None:
+        super().__init__()
+        if tables not in (1, 2, 4):
+            raise ValueError(f"tables must be 1, 2 or 4, got {tables}")
+        if tables == 1 and attn_dim != repr_dim:
+            raise ValueError(f"one shared table needs attn_dim == repr_dim, got {attn_dim} and {repr_dim}")
+        self.tables, self.attn_dim, self.repr_dim = tables, attn_dim, repr_dim
+        roles = {1: ["shared"], 2: ["attn", "repr"], 4: ["attn", "repr", "attn_target", "repr_target"]}[tables]
+        for role in roles:
+            width = repr_dim if role.startswith("repr") else attn_dim
+            setattr(self, role, _UniformEmbedding(buckets, width, device=device))
+
+    def _pair(self, kind: str) -> tuple[nn.Embedding, nn.Embedding]:
+        """(target table, behaviour table) of ``kind`` (``attn`` or ``repr``)."""
+        if self.tables == 1:
+            return self.shared, self.shared
+        if self.tables == 2:
+            return getattr(self, kind), getattr(self, kind)
+        return getattr(self, f"{kind}_target"), getattr(self, kind)
+
+    def extend(self, views: ItemViews, target_bucket: torch.Tensor, history_bucket: torch.Tensor) -> ItemViews:
+        """``views`` with the bucket embeddings appended (``target_bucket [B]``, ``history_bucket [S]``)."""
+        (ta, ha), (tr, hr) = self._pair("attn"), self._pair("repr")
+        return ItemViews(
+            target_attn=torch.cat([views.target_attn, ta(target_bucket)], dim=-1),
+            history_attn=torch.cat([views.history_attn, ha(history_bucket)], dim=-1),
+            target_repr=torch.cat([views.target_repr, tr(target_bucket)], dim=-1),
+            history_repr=torch.cat([views.history_repr, hr(history_bucket)], dim=-1),
+            lengths=views.lengths,
+        )
+
+
+class _UniformEmbedding(nn.Embedding):
+    """``nn.Embedding`` initialised like a torchrec table, uniform in ``+-1/sqrt(rows)`` (DMP materialises meta
+    modules through ``reset_parameters``)."""
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / self.num_embeddings**0.5
+        nn.init.uniform_(self.weight, -bound, bound)

@@ -32,6 +32,19 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(filled, dim=-1).masked_fill(~mask, 0.0)
 
 
+def top_k_mask(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
+    """``mask [B, L]`` narrowed to the ``k`` highest ``scores [B, L]`` of each row among its True entries (ties
+    at the k-th score stay in; a row with k or fewer True entries keeps them all). Not differentiable."""
+    if k >= scores.size(1):
+        return mask
+    ranked = scores.detach().masked_fill(~mask, float("-inf"))  # [B, L]
+    kth = ranked.topk(k, dim=1).values[:, -1:]  # [B, 1]
+    return mask & (ranked >= kth)
+
+
+torch.fx.wrap("top_k_mask")
+
+
 class TargetAttention(nn.Module):
     """DIN's local activation unit (Zhou et al. 2018, Deep Interest Network, Eq. 3).
 
@@ -45,6 +58,8 @@ class TargetAttention(nn.Module):
         hidden: hidden widths of the activation MLP (the paper uses ``[80, 40]``).
         activation: activation of the hidden layers.
         softmax: normalise the weights with a masked softmax.
+        top_k: keep only the ``top_k`` highest-scoring behaviours of each row (0: all), before the softmax (the
+            official DARE code's DIN line: a soft search by DIN's own scores).
         factorized: compute the activation unit's first layer without building ``[v_A, e_j, v_A - e_j,
             v_A * e_j]``: ``W [q, k, q - k, q * k] = (W_1 + W_3) q + (W_2 - W_3) k + W_4 (q * k)``, the ``q`` term
             once per target instead of once per behaviour. The same parameters and, up to float rounding, the
@@ -59,9 +74,13 @@ class TargetAttention(nn.Module):
         activation: Activation = Activation.prelu,
         softmax: bool = False,
         factorized: bool = False,
+        top_k: int = 0,
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: every behaviour), got {top_k}")
+        self.top_k = top_k
         if factorized and not hidden:
             raise ValueError("factorized target attention needs at least one hidden layer")
         self.softmax = softmax
@@ -97,6 +116,8 @@ class TargetAttention(nn.Module):
             ``[B, D]`` the user representation ``v_U(A)``.
         """
         scores = self.scores(query, keys)  # [B, L]
+        if self.top_k > 0:
+            mask = top_k_mask(scores, mask, self.top_k)  # [B, L]
         if self.softmax:
             weights = masked_softmax(scores, mask)  # [B, L]
         else:

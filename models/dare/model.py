@@ -5,7 +5,9 @@ Table 1 as variants of the same model.
 same relevance as the ESU, TWIN-style consistency); the ESU weights the survivors ``w_i = softmax_i(logit_i)``;
 the user representation is ``h = sum_i w_i (e_i^repr ⊙ v_t^repr)`` (target-aware); the MLP reads
 ``[v_t^repr, h, v_t^repr ⊙ h]``. Gradients of the attention path reach only the attention tables, those of the
-representation path only the representation tables.
+representation path only the representation tables. With ``time_mode: embed`` the time bucket is a decoupled
+feature like the items (its attention embedding in ``e^att``, its representation embedding in ``e^repr``, the
+target at bucket 0) instead of the bias ``b``.
 
 Variants (``model.tables``, ``model.projection``, ``model.target_aware``, ``model.search``):
 
@@ -37,7 +39,7 @@ from datasets.batch import Batch
 from datasets.schema import SchemaConfig
 from models.common import check_search_features, require_sample_labels
 from models.twin.model import TwoStageOutput
-from modules.decoupled import DecoupledEmbedding
+from modules.decoupled import DecoupledBuckets, DecoupledEmbedding
 from modules.embedding import build_embedding_collection, lookup_jagged
 from modules.mlp import MLP, Activation
 from modules.search import SearchResult, hard_search, log2_time_buckets, row_ids
@@ -59,6 +61,11 @@ class DareSearch(str, enum.Enum):
     hard = "hard"
 
 
+class TimeMode(str, enum.Enum):
+    bias = "bias"
+    embed = "embed"
+
+
 @dataclass
 class DAREConfig:
     """The ``model:`` section of a DARE run (and of its Table 1 baselines).
@@ -75,9 +82,12 @@ class DAREConfig:
         user_feature: scalar user id feature (None: none), embedded at ``repr_dim``.
         target_features: scalar item features of the target, item id first.
         history_features: behaviour features aligned with them.
-        time_feature: float behaviour feature, seconds to the request: a learned 1-d bias per log2 bucket in
-            the attention logit (None: none).
-        time_buckets: rows of that bias.
+        time_feature: float behaviour feature, seconds to the request, bucketed by log2 (None: none).
+        time_mode: how the time bucket enters: ``bias``, a learned 1-d bias per bucket in the attention logit;
+            ``embed``, decoupled time tables like the item features' (the official DARE code's ``use_time``
+            concat): the bucket's attention embedding (``attn_dim``) joins the attention keys, its
+            representation embedding (``repr_dim``) the values, and the target is at bucket 0 (now).
+        time_buckets: rows of that bias or of each time table.
         long_history: the most recent behaviours searched (0: all the reader gives).
         hard_search_feature: behaviour feature matched against ``hard_target_feature`` (``search: hard``).
         hard_target_feature: the target's feature for the hard search.
@@ -102,6 +112,7 @@ class DAREConfig:
     target_features: list[str] = field(default_factory=lambda: ["item_id", "item_category"])
     history_features: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category"])
     time_feature: Optional[str] = "hist_time_delta"
+    time_mode: TimeMode = TimeMode.bias
     time_buckets: int = 32
     long_history: int = 0
     hard_search_feature: str = "hist_category"
@@ -140,11 +151,16 @@ class DARE(nn.Module):
             schema, cfg.target_features, cfg.history_features, cfg.attn_dim, cfg.repr_dim, cfg.tables, device
         )
         a, r = self.items.attn_width, self.items.repr_width
+        self.time_tables: Optional[DecoupledBuckets] = None
+        if cfg.time_feature and cfg.time_mode == TimeMode.embed:
+            self.time_tables = DecoupledBuckets(cfg.time_buckets, cfg.attn_dim, cfg.repr_dim, cfg.tables, device)
+            a, r = a + cfg.attn_dim, r + cfg.repr_dim
         self.user_ec = (
             build_embedding_collection(schema, [cfg.user_feature], cfg.repr_dim, device) if cfg.user_feature else None
         )
         # 0 at init: a random time bias would decide the first searches (see modules.search.TwinRelevance).
-        self.time_bias = ZeroInitEmbedding(cfg.time_buckets, 1, device=device) if cfg.time_feature else None
+        bias = cfg.time_feature and cfg.time_mode == TimeMode.bias
+        self.time_bias = ZeroInitEmbedding(cfg.time_buckets, 1, device=device) if bias else None
         if cfg.projection:
             self.w_q = nn.Linear(a, a, bias=False, device=device)
             self.w_k = nn.Linear(a, a, bias=False, device=device)
@@ -155,16 +171,21 @@ class DARE(nn.Module):
         self.mlp = MLP(width, cfg.mlp_hidden, out_features=require_sample_labels(schema, "dare"),
                        activation=cfg.activation, dropout=cfg.dropout, device=device)
 
+    def _buckets(self, batch: Batch) -> torch.Tensor:
+        seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
+        return log2_time_buckets(seconds, self.cfg.time_buckets)  # [S]
+
     def _bias(self, batch: Batch) -> Optional[torch.Tensor]:
         if self.time_bias is None:
             return None
-        seconds = batch.float_sequences[self.cfg.time_feature].values()  # [S]
-        bucket = log2_time_buckets(seconds, self.cfg.time_buckets)  # [S]
-        return self.time_bias(bucket).squeeze(-1)  # [S]
+        return self.time_bias(self._buckets(batch)).squeeze(-1)  # [S]
 
     def attention_inputs(self, batch: Batch):
         """``(views, query [B, A], keys [S, A], bias [S] or None)``: what the attention logits are made of."""
         v = self.items(batch.sparse_features)
+        if self.time_tables is not None:
+            now = torch.zeros(v.lengths.numel(), dtype=torch.long, device=v.lengths.device)  # [B] bucket 0
+            v = self.time_tables.extend(v, now, self._buckets(batch))
         query, keys = v.target_attn, v.history_attn
         if self.cfg.projection:
             query, keys = self.w_q(query), self.w_k(keys)

@@ -36,6 +36,8 @@ class DINConfig:
             code's DIN does).
         attention_factorized: compute the activation unit's first layer factorized (the same parameters and
             scores up to float rounding, cheaper: ``modules.target_attention.TargetAttention``).
+        attention_top_k: attend over only the top K behaviours by the activation score (0: all; the official
+            DARE code's DIN keeps the top 20 of 200).
         target_cross: also feed ``v_A * v_U(A)`` and ``v_A * mean_j e_j`` (element-wise) to the MLP (the
             official DARE code's ``use_cross_feature``).
         mlp_batch_norm: batch-normalise the MLP input (the official DARE code's main MLP starts with BatchNorm).
@@ -53,6 +55,7 @@ class DINConfig:
     attention_hidden: list[int] = field(default_factory=lambda: [80, 40])
     attention_softmax: bool = False
     attention_factorized: bool = False
+    attention_top_k: int = 0
     target_cross: bool = False
     mlp_batch_norm: bool = False
     mlp_hidden: list[int] = field(default_factory=lambda: [200, 80])
@@ -82,7 +85,7 @@ class DIN(nn.Module):
         item = self.embedding.item_dim
         self.attention = TargetAttention(
             item, cfg.attention_hidden, activation=cfg.activation, softmax=cfg.attention_softmax,
-            factorized=cfg.attention_factorized, device=device,
+            factorized=cfg.attention_factorized, top_k=cfg.attention_top_k, device=device,
         )
         self.target_cross = cfg.target_cross
         width = (d if cfg.user_feature is not None else 0) + (5 if cfg.target_cross else 3) * item

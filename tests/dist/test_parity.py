@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from tests.dist.parity import ParityCase, check_sharding_parity
@@ -94,14 +96,14 @@ def test_twin_parity(sharding_type: str) -> None:
     assert results[0]["loss"] == results[1]["loss"]
 
 
-def _dare_train_module(device):
+def _dare_train_module(device, time_mode: str = "bias"):
     from dataclasses import replace
     from pathlib import Path
 
     from launch.config import load_config
 
     cfg, spec, _ = load_config(Path(__file__).resolve().parents[2] / "configs/tests/dare_tiny.yaml")
-    model_cfg = replace(cfg.model, mlp_batch_norm=False, top_k=4, relevance_feature=None)
+    model_cfg = replace(cfg.model, mlp_batch_norm=False, top_k=4, relevance_feature=None, time_mode=time_mode)
     tm = spec.build_train_module(spec.build(model_cfg, cfg.data.schema, device), model_cfg)
     if device.type != "meta":  # the sharded copy gets the reference's state
         import torch
@@ -112,16 +114,18 @@ def _dare_train_module(device):
     return tm
 
 
-DARE_CASE = ParityCase(_dare_train_module, _twin_batch)
+DARE_CASES = {mode: ParityCase(functools.partial(_dare_train_module, time_mode=mode), _twin_batch)
+              for mode in ("bias", "embed")}  # embed: the dense time-bucket tables, replicated, beside the sharded
 # The two tables of one feature sharded apart: another sharding type each, so also other ranks.
 DARE_SPLIT = {"t_item_id__attn": "table_wise", "t_item_id__repr": "row_wise",
               "t_item_category__attn": "row_wise", "t_item_category__repr": "table_wise"}
 
 
-def test_dare_parity_with_attention_and_representation_tables_sharded_apart() -> None:
+@pytest.mark.parametrize("time_mode", ["bias", "embed"])
+def test_dare_parity_with_attention_and_representation_tables_sharded_apart(time_mode: str) -> None:
     """DARE (d_att = d_repr / 2) on 2 ranks with t_item_id__attn table-wise and t_item_id__repr row-wise (and the
     category pair the other way round) matches its unsharded self after one step; the plan records the split."""
-    results = run_workers(check_sharding_parity, world_size=2, args=(DARE_CASE, DARE_SPLIT))
+    results = run_workers(check_sharding_parity, world_size=2, args=(DARE_CASES[time_mode], DARE_SPLIT))
     assert results[0]["loss"] == results[1]["loss"]
     plan = {t: ps for mp in results[0]["plan"].plan.values() for t, ps in mp.items()}
     assert plan["t_item_id__attn"].sharding_type == "table_wise" and plan["t_item_id__repr"].sharding_type == "row_wise"

@@ -58,6 +58,41 @@ def test_attention_gradients_reach_only_attention_tables_and_vice_versa():
     assert all(g.abs().sum() > 0 for gs in full.values() for g in gs)
 
 
+def test_time_tables_are_decoupled_too():
+    """``time_mode: embed``: the time bucket's attention table gets only attention gradients, its
+    representation table only representation gradients, like the item tables."""
+    model, batch = _setup(time_mode="embed")
+    assert model.time_bias is None
+    times = model.time_tables
+    assert times.attn.weight.shape == (32, 4) and times.repr.weight.shape == (32, 8)
+    v, query, keys, bias = model.attention_inputs(batch)
+    assert bias is None and query.shape == (8, 3 * 4) and v.history_repr.shape[-1] == 3 * 8
+    # The keys carry each behaviour's bucket embedding, the query bucket 0's (the target is now).
+    buckets = model._buckets(batch)
+    torch.testing.assert_close(keys[:, -4:], times.attn.weight[buckets])
+    torch.testing.assert_close(query[:, -4:], times.attn.weight[0].expand(8, 4))
+    torch.testing.assert_close(v.history_repr[:, -8:], times.repr.weight[buckets])
+    result = model._search(batch, query, keys, bias, v.lengths)
+    weights, values = model.attend(v, query, keys, bias, result)
+    probe = torch.randn_like(weights)
+    a = _grads((weights * probe).sum(), [times.attn.weight, times.repr.weight])
+    assert a[0].abs().sum() > 0 and a[1] is None
+    r = _grads((weights.detach().unsqueeze(-1) * values).sum(), [times.attn.weight, times.repr.weight])
+    assert r[0] is None and r[1].abs().sum() > 0
+
+
+def test_time_tables_follow_the_table_layout():
+    shared, _ = _setup(time_mode="embed", tables=1, attn_dim=8, repr_dim=8)
+    assert [n for n, _ in shared.time_tables.named_parameters()] == ["shared.weight"]
+    four, batch = _setup(time_mode="embed", tables=4)
+    assert sorted(n for n, _ in four.time_tables.named_parameters()) == [
+        "attn.weight", "attn_target.weight", "repr.weight", "repr_target.weight"]
+    v, query, _, _ = four.attention_inputs(batch)
+    torch.testing.assert_close(query[:, -4:], four.time_tables.attn_target.weight[0].expand(8, 4))
+    logits = four(batch)
+    assert logits.shape == (8, 1) and torch.isfinite(logits).all()
+
+
 def test_shared_table_gets_both_gradients():
     """TWIN's shared table (tables: 1) is where the two gradients meet: the conflict DARE removes."""
     model, batch = _setup(tables=1, attn_dim=8, repr_dim=8)
@@ -70,12 +105,17 @@ def test_shared_table_gets_both_gradients():
     assert all(x.abs().sum() > 0 and y.abs().sum() > 0 for x, y in zip(a, r))
 
 
-def test_dare_with_tied_tables_reduces_to_twin():
-    dare, batch = _setup(seed=3, tables=2, attn_dim=8, repr_dim=8)
-    twin, _ = _setup(seed=3, tables=1, attn_dim=8, repr_dim=8)
+@pytest.mark.parametrize("time_mode", ["bias", "embed"])
+def test_dare_with_tied_tables_reduces_to_twin(time_mode):
+    dare, batch = _setup(seed=3, tables=2, attn_dim=8, repr_dim=8, time_mode=time_mode)
+    twin, _ = _setup(seed=3, tables=1, attn_dim=8, repr_dim=8, time_mode=time_mode)
     state = twin.state_dict()
+    if time_mode == "embed":  # the time tables tie the same way as the item tables
+        state["time_tables.shared.weight"] = dare.time_tables.attn.weight.detach().clone()
+        with torch.no_grad():
+            dare.time_tables.repr.weight.copy_(dare.time_tables.attn.weight)
     for name, p in dare.state_dict().items():
-        if ".items." not in f".{name}":
+        if ".items." not in f".{name}" and not name.startswith("time_tables."):
             state_name = name
             assert state_name in state
             state[state_name] = p

@@ -126,10 +126,11 @@ def test_attention_modules_trace_with_fx():
         def __init__(self) -> None:
             super().__init__()
             self.din = TargetAttention(D, [4], softmax=True)
+            self.din_top = TargetAttention(D, [4], softmax=True, top_k=2)  # the top-k cut traces too
             self.mhta = MultiHeadTargetAttention(D, D, num_heads=2, output_dim=3)
 
         def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor):
-            return self.din(query, keys, mask), self.mhta(query, keys, mask, bias=bias)
+            return self.din(query, keys, mask), self.din_top(query, keys, mask), self.mhta(query, keys, mask, bias=bias)
 
     m = M()
     gm = torch.fx.symbolic_trace(m)
@@ -178,3 +179,30 @@ def test_factorized_target_attention_equals_the_concatenated_form():
     with torch.no_grad():
         fact.unit.layers[0].weight[:, 18:].add_(1.0)
     assert not torch.allclose(fact.scores(q, k), plain.scores(q, k), atol=1e-3)
+
+
+def test_top_k_target_attention_is_softmax_over_the_k_best_scores():
+    torch.manual_seed(0)
+    att = TargetAttention(4, hidden=[8], softmax=True, top_k=3)
+    query, keys = torch.randn(2, 4), torch.randn(2, 6, 4)
+    mask = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    out = att(query, keys, mask)
+    scores = att.scores(query, keys)
+    best = scores[0].topk(3).indices
+    w0 = torch.softmax(scores[0, best], dim=0)
+    torch.testing.assert_close(out[0], (w0.unsqueeze(-1) * keys[0, best]).sum(0))
+    # A row with fewer than k behaviours keeps them all, and padding stays out.
+    w1 = torch.softmax(scores[1, :2], dim=0)
+    torch.testing.assert_close(out[1], (w1.unsqueeze(-1) * keys[1, :2]).sum(0))
+    # Behaviours outside the top k get no gradient.
+    keys.requires_grad_(True)
+    att(query, keys, mask).sum().backward()
+    dropped = [j for j in range(6) if j not in best.tolist()]
+    assert keys.grad[0, dropped].abs().sum() == 0 and keys.grad[0, best].abs().sum() > 0
+    assert keys.grad[1, 2:].abs().sum() == 0
+    # k >= L keeps every behaviour.
+    full = TargetAttention(4, hidden=[8], softmax=True, top_k=6)
+    full.load_state_dict(att.state_dict())
+    plain = TargetAttention(4, hidden=[8], softmax=True)
+    plain.load_state_dict(att.state_dict())
+    torch.testing.assert_close(full(query, keys, mask), plain(query, keys, mask))
