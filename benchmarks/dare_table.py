@@ -28,6 +28,7 @@ checkpoint (mean, sd, per seed), the difference to DARE and the GSU's NDCG@100 a
 
     .venv/bin/python benchmarks/dare_table.py                        # 7 rows x 2 dims x 3 seeds, the configs' 700 steps
     .venv/bin/python benchmarks/dare_table.py --steps 350 --dims 16  # shorter
+    .venv/bin/python benchmarks/dare_table.py --time-mode embed      # every dare row with decoupled time tables
 """
 
 from __future__ import annotations
@@ -85,13 +86,16 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="override train.max_steps (default: the configs' 700)")
     parser.add_argument("--report-only", action="store_true", help="print the table of the runs already finished")
+    parser.add_argument("--time-mode", choices=["bias", "embed"], default=None,
+                        help="model.time_mode of every dare-entry row (default: the configs'; synthetic_long only)")
     parser.add_argument("--world", choices=["synthetic_long", "taobao_sample"], default="synthetic_long")
     parser.add_argument("--data", type=Path, default=None, help="default: data/<world>")
     parser.add_argument("--out", type=Path, default=None, help="default: runs/dare_table (runs/dare_table_taobao_sample)")
     args = parser.parse_args()
     sample = args.world == "taobao_sample"
     args.data = args.data or ROOT / f"data/{args.world}"
-    args.out = args.out or ROOT / ("runs/dare_table_taobao_sample" if sample else "runs/dare_table")
+    default_out = "runs/dare_table_taobao_sample" if sample else "runs/dare_table"
+    args.out = args.out or ROOT / (default_out + (f"_time_{args.time_mode}" if args.time_mode else ""))
     if sample and not (args.data / "meta.json").is_file():
         import subprocess
 
@@ -111,8 +115,9 @@ def main() -> None:
                 if sample:
                     m = taobao_sample_run(row, dim, seed, args.data, args.out)
                 else:
+                    time_mode = [f"model.time_mode={args.time_mode}"] if args.time_mode and config == "dare" else []
                     m = train(f"{SLUG[row]}_d{dim}", seed, args.data, args.out, args.steps, config=config,
-                              extra=extra + dim_overrides(config, dim))
+                              extra=extra + time_mode + dim_overrides(config, dim))
                 results.setdefault(str(dim), {}).setdefault(row, []).append(m)
                 (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     if sample:
