@@ -37,6 +37,14 @@ class ItemViews:
     lengths: torch.Tensor
 
 
+def _check_layout(tables: int, attn_dim: int, repr_dim: int) -> None:
+    """The table layouts DARE's Table 1 knows (:class:`DecoupledEmbedding`, :class:`DecoupledBuckets`)."""
+    if tables not in (1, 2, 4):
+        raise ValueError(f"tables must be 1, 2 or 4, got {tables}")
+    if tables == 1 and attn_dim != repr_dim:
+        raise ValueError(f"one shared table needs attn_dim == repr_dim, got {attn_dim} and {repr_dim}")
+
+
 class DecoupledEmbedding(nn.Module):
     """The item features' tables, in one of three layouts (DARE Table 1):
 
@@ -71,10 +79,7 @@ class DecoupledEmbedding(nn.Module):
         device: Optional[torch.device] = None,
     ) -> None:
         super().__init__()
-        if tables not in (1, 2, 4):
-            raise ValueError(f"tables must be 1, 2 or 4, got {tables}")
-        if tables == 1 and attn_dim != repr_dim:
-            raise ValueError(f"one shared table needs attn_dim == repr_dim, got {attn_dim} and {repr_dim}")
+        _check_layout(tables, attn_dim, repr_dim)
         self.tables = tables
         self.target_features = list(target_features)
         self.history_features = list(history_features)
@@ -141,10 +146,7 @@ class DecoupledBuckets(nn.Module):
     def __init__(self, buckets: int, attn_dim: int, repr_dim: int, tables: int = 2,
                  device: Optional[torch.device] = None) -> None:
         super().__init__()
-        if tables not in (1, 2, 4):
-            raise ValueError(f"tables must be 1, 2 or 4, got {tables}")
-        if tables == 1 and attn_dim != repr_dim:
-            raise ValueError(f"one shared table needs attn_dim == repr_dim, got {attn_dim} and {repr_dim}")
+        _check_layout(tables, attn_dim, repr_dim)
         self.tables, self.attn_dim, self.repr_dim = tables, attn_dim, repr_dim
         roles = {1: ["shared"], 2: ["attn", "repr"], 4: ["attn", "repr", "attn_target", "repr_target"]}[tables]
         for role in roles:
