@@ -9,13 +9,19 @@ Both modes are the same head with the same parameters; only the mixing differs
 ``scaled_dot_product_attention``). Only c2c is quadratic in m for softmax (c2s is m x n, n fixed), so softmax
 grows with an exponent between 1 and 2; the MLP is linear in m in both modes and bounds the ratio.
 
+Both modes are timed on the serving path, ``SetHead.score`` (as ``models.duet.PreRanker.score``): the MLP's first
+layer as a sum of column-block products accumulated in place, each attention's ``W_o`` and MLP block folded into
+its per-request state (``SetLinearAttention.into``), ``F_u``'s block once per request. The table also shows the
+plain ``forward`` (concatenation, then the MLP) of each mode.
+
 Embeddings are random (the time does not depend on their values); ``torch.no_grad``, eval mode,
-``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the two modes interleaved so
+``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the modes interleaved so
 that a loaded machine slows both alike. A second table splits the time at ``--breakdown-m`` into the head's parts.
 
 A third table times the zoo's own scorer, ``models.duet.PreRanker`` built from ``configs/models/duet.yaml``
 (``--zoo-config``; ``model.attention`` linear vs softmax, the same parameters), on a one-request Batch with m
-candidates and n behaviours: embedding lookups, padding, both attentions and the MLP included.
+candidates and n behaviours, through ``PreRanker.score``: embedding lookups, padding, both attentions and the MLP
+included.
 
     .venv/bin/python benchmarks/duet_latency.py [--m 1000 1500 ... 5000] [--n 200] [--model-dim 64]
 """
@@ -96,6 +102,21 @@ class SetHead(nn.Module):
         """
         return self.mlp(self.features(can, seq, user, cross, can_mask, seq_mask)).squeeze(-1)  # [B, M]
 
+    def score(self, can, seq, user, cross, can_mask, seq_mask) -> torch.Tensor:
+        """The serving path, as ``models.duet.PreRanker.score``: :meth:`forward`'s logits ``[B, M]`` (up to float
+        rounding), the MLP's first layer as a sum of column-block products accumulated into one output, each
+        attention's block folded into its per-request state (``SetLinearAttention.into``), ``F_u``'s block once
+        per request: no concatenation, no attention output or ``W_o`` product per candidate."""
+        a, d = self.c2s.model_dim, can.size(-1)
+        w_cs, w_cc, w_u, w_c = self.mlp.first_blocks([a, a, d, d])  # [F, width] each
+        rows, state, per_request = self.c2s.into(w_cs, can, seq, seq, can_mask, seq_mask)
+        h = torch.bmm(rows, state)  # [B, M, F]
+        rows, state, cc_request = self.c2c.into(w_cc, can, can, can, can_mask, can_mask)
+        h = h.baddbmm_(rows, state).baddbmm_(cross, w_c.t().expand(can.size(0), -1, -1))  # in place: + F_cro
+        per_request = per_request + cc_request + torch.nn.functional.linear(user, w_u, self.mlp.layers[0].bias)
+        h = h.add_(per_request.unsqueeze(1))  # [B, M, F]
+        return self.mlp.after_first(h).squeeze(-1)  # [B, M]
+
 
 def _inputs(m: int, n: int, dim: int) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(m)
@@ -109,8 +130,8 @@ def _inputs(m: int, n: int, dim: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def _medians(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
-    """Median seconds of each function, the functions called in turn within every repeat."""
+def _timings(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> list[list[float]]:
+    """Seconds of every call of each function, the functions called in turn within every repeat."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -120,7 +141,19 @@ def _medians(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> 
             start = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    return times
+
+
+def _medians(fns: Sequence[Callable[[], object]], warmup: int, repeats: int) -> list[float]:
+    """Median seconds of each function (:func:`_timings`)."""
+    return [statistics.median(ts) for ts in _timings(fns, warmup, repeats)]
+
+
+def _ratio(slow: Sequence[float], fast: Sequence[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile of the per-repeat ratios ``slow / fast``: the calls of one repeat run
+    back to back, so a slowdown of the machine (this VM's speed drifts by 30% within a minute) cancels."""
+    q1, q2, q3 = statistics.quantiles([s / f for s, f in zip(slow, fast)], n=4)
+    return q2, q1, q3
 
 
 def _slope(ms: Sequence[int], ts: Sequence[float]) -> float:
@@ -199,30 +232,37 @@ def main() -> None:
 
     print(f"DUET set head, one request: n = {args.n}, model_dim = {args.model_dim}, heads = {args.heads}, "
           f"MLP {args.mlp_hidden}, {args.threads} thread(s), median of {args.repeats} after {args.warmup} warmup")
-    print("| m | linear ms | softmax ms | softmax / linear | linear µs / cand | softmax µs / cand |")
-    print("|---|---|---|---|---|---|")
+    print("| m | linear ms | softmax ms | softmax / linear (quartiles) | linear µs / cand | softmax µs / cand "
+          "| linear, forward ms | softmax, forward ms |")
+    print("|---|---|---|---|---|---|---|---|")
     lin_ts, soft_ts = [], []
     with torch.no_grad():
         for m in args.m:
             x = _inputs(m, args.n, dim)
-            t_lin, t_soft = _medians([lambda: linear(*x), lambda: softmax(*x)], args.warmup, args.repeats)
+            calls = _timings(
+                [lambda: linear.score(*x), lambda: softmax.score(*x), lambda: linear(*x), lambda: softmax(*x)],
+                args.warmup, args.repeats)
+            t_lin, t_soft, f_lin, f_soft = (statistics.median(ts) for ts in calls)
+            ratio, q1, q3 = _ratio(calls[1], calls[0])
             lin_ts.append(t_lin)
             soft_ts.append(t_soft)
-            print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | "
-                  f"{t_lin * 1e6 / m:.2f} | {t_soft * 1e6 / m:.2f} |")
+            print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {ratio:.1f}x ({q1:.1f}-{q3:.1f}) | "
+                  f"{t_lin * 1e6 / m:.2f} | {t_soft * 1e6 / m:.2f} | {f_lin * 1e3:.2f} | {f_soft * 1e3:.2f} |")
         if len(args.m) > 1:
             print(f"growth exponent (log-log slope of ms over m): linear {_slope(args.m, lin_ts):.2f}, "
                   f"softmax {_slope(args.m, soft_ts):.2f}")
 
         m = args.breakdown_m
         can, seq, user, cross, can_mask, seq_mask = _inputs(m, args.n, dim)
-        feats = linear.features(can, seq, user, cross, can_mask, seq_mask)
+        w_cs, w_cc, w_u, w_c = linear.mlp.first_blocks([args.model_dim, args.model_dim, dim, dim])
+        h = torch.randn(1, m, args.mlp_hidden[0] if args.mlp_hidden else 1)
         parts = {
-            "c2s (m x n)": lambda h: h.c2s(can, seq, seq, can_mask, seq_mask),
-            "c2c (m x m)": lambda h: h.c2c(can, can, can, can_mask, can_mask),
-            "concat + MLP": lambda h: h.mlp(torch.cat([feats[..., :-dim], cross], dim=-1)),
+            "c2s (m x n), folded": lambda a: a.c2s.into(w_cs, can, seq, seq, can_mask, seq_mask),
+            "c2c (m x m), folded": lambda a: a.c2c.into(w_cc, can, can, can, can_mask, can_mask),
+            "F_cro block + rest of the MLP": lambda a: a.mlp.after_first(
+                h.clone().baddbmm_(cross, w_c.t().expand(1, -1, -1))),
         }
-        print(f"\nwhere the time goes at m = {m:,} (ms, median of {args.repeats}):")
+        print(f"\nwhere the time goes at m = {m:,} (the serving path; ms, median of {args.repeats}):")
         print("| part | linear ms | softmax ms | softmax / linear |")
         print("|---|---|---|---|")
         for name, part in parts.items():
@@ -238,7 +278,7 @@ def main() -> None:
         zl, zs = [], []
         for m in args.m:
             b = _zoo_batch(schema, m, args.n)
-            t_lin, t_soft = _medians([lambda: zoo_lin(b), lambda: zoo_soft(b)], args.warmup, args.repeats)
+            t_lin, t_soft = _medians([lambda: zoo_lin.score(b), lambda: zoo_soft.score(b)], args.warmup, args.repeats)
             zl.append(t_lin)
             zs.append(t_soft)
             print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | {t_lin * 1e6 / m:.2f} |")

@@ -27,13 +27,30 @@ class AttentionKind(str, enum.Enum):
     softmax = "softmax"  # ordinary scaled dot-product attention with the same projections, O(M N d)
 
 
+_LOG2E = 1.4426950408889634
+
+
 def _elu1(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.elu(x) + 1.0
+    """``elu(x) + 1`` as ``relu(x) + 2^(min(x, 0) log2 e)``: the same function and gradient (1 for x >= 0, exp(x)
+    below) up to float rounding. ``exp2`` runs vectorised on every CPU build; ``elu`` and ``exp`` go through
+    a kernel that is 2-3x slower on some (measured here: 0.41 against 0.18 ms for 4,500 x 64)."""
+    return torch.exp2(x.clamp(max=0.0) * _LOG2E) + torch.relu(x)
+
+
+def _elu1_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_elu1` overwriting ``x`` and its own temporaries (inference on a fresh projection: no autograd)."""
+    return torch.exp2(x.clamp(max=0.0).mul_(_LOG2E)).add_(x.relu_())
 
 
 FEATURE_MAPS: dict[FeatureMap, Callable[[torch.Tensor], torch.Tensor]] = {
     FeatureMap.elu1: _elu1,
     FeatureMap.relu: torch.relu,
+}
+# The same maps in place, for :meth:`SetLinearAttention.into` without autograd (fewer fresh tensors: at 4,500
+# candidates the serving path is about 20% faster).
+FEATURE_MAPS_INPLACE: dict[FeatureMap, Callable[[torch.Tensor], torch.Tensor]] = {
+    FeatureMap.elu1: _elu1_,
+    FeatureMap.relu: torch.relu_,
 }
 
 
@@ -261,6 +278,59 @@ class SetLinearAttention(nn.Module):
         den = (phi_q * z).sum(dim=-1, keepdim=True)  # [B, M, H, 1]: phi(Q_h) z_h
         scaled = (phi_q * (den + self.eps).reciprocal()).view(b, m, h * d)  # [B, M, H d]
         return torch.bmm(scaled, c) + self.w_o.bias  # [B, M, model_dim] (baddbmm broadcasts the bias slowly)
+
+    def into(
+        self,
+        weight: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query_mask: torch.Tensor,
+        key_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention output followed by a linear map ``weight`` (``[F, model_dim]``, no bias), as factors.
+
+        ``forward(...) @ weight.T == rows @ state + per_request[:, None, :]`` on every real query row, where
+        ``per_request = has_key * (b_o weight^T)`` (``[B, F]``: ``W_o``'s bias, 0 in a request without a valid
+        key) and ``weight`` is folded into the per-request ``state`` (``[B, H d, F]``): in linear mode
+        ``rows = phi(Q_h) / (phi(Q_h) z_h + eps)`` per head and ``state = C_h weight^T`` (``C_h`` of
+        :meth:`folded_linear`), so each query costs one ``[H d] x [F]`` product and neither the attention
+        output nor ``W_o`` is materialised per query; in softmax mode ``rows`` is the per-head output and
+        ``state = (weight W_o)^T``. A following layer that reads the output through ``weight`` (a column block
+        of the first layer of DUET's MLP) accumulates ``rows @ state`` into its own output (``baddbmm``) and
+        saves a product, and a pass, per query. Padding query rows of ``rows`` are unspecified (the caller
+        drops them).
+
+        Returns:
+            ``(rows [B, M, H d], state [B, H d, F], per_request [B, F])``.
+        """
+        b, m = query.size(0), query.size(1)
+        h, d = self.heads, self.head_dim
+        has_key = key_mask.any(dim=1, keepdim=True).to(weight.dtype)  # [B, 1]
+        per_request = has_key * torch.mv(weight, self.w_o.bias)  # [B, F]
+        w_o = torch.mm(weight, self.w_o.weight)  # [F, model_dim]: weight W_o
+        if self.attention is AttentionKind.softmax:  # a module attribute, fixed at trace time
+            heads = self.mix(query, key, value, query_mask, key_mask).transpose(1, 2).reshape(b, m, h * d)
+            return heads, w_o.t().expand(b, -1, -1), per_request  # [B, M, H d], [B, H d, F], [B, F]
+        # Without autograd every per-row step overwrites the fresh tensor before it (the same values).
+        inplace = not torch.is_grad_enabled()
+        phi = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[self.feature_map]
+        if key is query:  # self-attention (DUET's c2c): both projections in one product, one feature map
+            both = phi(nn.functional.linear(query, torch.cat([self.w_q.weight, self.w_k.weight])))  # [B, M, 2 H d]
+            phi_q, phi_k = both[..., : h * d], both[..., h * d :]  # [B, M, H d] each (views)
+        else:
+            phi_q, phi_k = phi(self.w_q(query)), phi(self.w_k(key))  # [B, M, H d], [B, N, H d]
+        key_ok = key_mask.unsqueeze(-1).to(key.dtype)  # [B, N, 1]
+        phi_k = phi_k.mul_(key_ok) if inplace else phi_k * key_ok  # 0 on padding keys
+        kx = torch.bmm(phi_k.transpose(1, 2), value)  # [B, H d, D_v]: phi(K)^T X_v
+        z = phi_k.sum(dim=1).view(b, h, d, 1)  # [B, H, d, 1]: phi(K)^T 1
+        w_v = self.w_v.weight.view(h, d, -1)  # [H, d, D_v]
+        folded = torch.bmm(w_v.transpose(1, 2), w_o.view(-1, h, d).permute(1, 2, 0))  # [H, D_v, F]
+        state = torch.matmul(kx.view(b, h, d, -1), folded).view(b, h * d, -1)  # [B, H d, F]
+        phi_q = phi_q.view(b, m, h, d)  # [B, M, H, d]
+        den = torch.matmul(phi_q.transpose(1, 2), z).transpose(1, 2).add_(self.eps)  # [B, M, H, 1]: phi(Q_h) z_h
+        rows = phi_q.div_(den) if inplace else phi_q / den  # [B, M, H, d]
+        return rows.view(b, m, h * d), state, per_request
 
     def forward(
         self,

@@ -109,3 +109,23 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps ``[..., in_features]`` to ``[..., out_features]``."""
         return self.layers(x)
+
+    def first_blocks(self, widths: Sequence[int]) -> list[torch.Tensor]:
+        """The first Linear's weight split by input columns: one ``[out, w]`` block per width, in order.
+
+        For a caller that computes the first layer as a sum of products instead of over a concatenation,
+        ``W [x_1, ..., x_k] + b = sum_j W_j x_j + b`` (then :meth:`after_first`).
+        """
+        first = self.layers[0]
+        if not isinstance(first, nn.Linear) or sum(widths) != first.in_features:
+            raise ValueError(f"widths {list(widths)} do not split the first layer {first}")
+        return list(torch.split(first.weight, list(widths), dim=1))
+
+    def after_first(self, h: torch.Tensor) -> torch.Tensor:
+        """The layers after the first Linear, applied to its output ``h`` (bias included). A ReLU right after
+        it runs in place on ``h`` (which then must not be read again; autograd allows it: the product before
+        does not keep its output)."""
+        rest = self.layers[1:]
+        if len(rest) and isinstance(rest[0], nn.ReLU):
+            return rest[1:](torch.relu_(h))
+        return rest(h)

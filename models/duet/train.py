@@ -116,8 +116,8 @@ class PreRankingModel(nn.Module):
         return self.a if self.cfg.serve == "a" else self.b
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Serving: the served sub-model's logits ``[N]``, candidates in batch order."""
-        return self.served()(batch).logits
+        """Serving: the served sub-model's logits ``[N]``, candidates in batch order (:meth:`PreRanker.score`)."""
+        return self.served().score(batch)
 
 
 class PreRankingTrainModule(nn.Module):

@@ -193,3 +193,36 @@ def test_bad_configs_are_rejected():
         _setup("duet", user_features=[])
     with pytest.raises(ValueError, match="sequence label"):
         _setup("duet", exposure="cand_seen")
+
+
+@pytest.mark.parametrize("attention", ["linear", "softmax"])
+@pytest.mark.parametrize("set_attention", [True, False])
+@pytest.mark.parametrize("cross", [True, False])
+def test_serving_score_equals_the_forward_logits(attention, set_attention, cross):
+    """``PreRanker.score`` (the MLP's first layer as block products, the attentions folded into it) gives the
+    logits of ``forward``; requests of different candidate counts (padding) and one without history."""
+    over = dict(training=Training.cotrain, attention=attention, set_attention=set_attention)
+    if not cross:
+        over["cross_features"] = []
+    module, schema = _setup("duet", **over)
+    module.eval()
+    cols = _columns(schema, 6, rows=5)
+    cols["hist_item_id"][2], cols["hist_category"][2] = [], []  # no valid key for c2s in request 2
+    batch = columns_to_batch(schema, cols)
+    for sub in (module.model.a, module.model.b):
+        with torch.no_grad():
+            want = sub(batch).logits
+            got = sub.score(batch)
+        assert got.shape == want.shape == (sum(len(c) for c in cols["cand_item_id"]),)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(sub.score(batch), want, atol=1e-6, rtol=1e-5)  # with autograd on, too
+    with torch.no_grad():  # serving goes through score, with the served sub-model
+        torch.testing.assert_close(module.model(batch), module.model.a(batch).logits, atol=1e-6, rtol=1e-5)
+
+
+def test_serving_score_of_the_towers_is_their_forward():
+    module, schema = _setup("three_tower", training=Training.exposed)
+    module.eval()
+    batch = columns_to_batch(schema, _columns(schema, 7))
+    with torch.no_grad():
+        assert torch.equal(module.model(batch), module.model.a(batch).logits)

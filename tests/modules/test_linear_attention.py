@@ -207,3 +207,55 @@ def test_fx_traceable(attention):
 def test_invalid_heads():
     with pytest.raises(ValueError, match="divisible"):
         SetLinearAttention(DQ, DK, DV, 10, heads=3)
+
+
+def test_elu1_is_elu_plus_one_in_value_and_gradient():
+    from modules.linear_attention import FEATURE_MAPS_INPLACE
+
+    x = torch.cat([torch.linspace(-30, 30, 2001), torch.tensor([0.0, -0.0, -1e-30, 1e-30, -100.0])])
+    x.requires_grad_(True)
+    y = FEATURE_MAPS[FeatureMap.elu1](x)
+    x64 = x.detach().double()
+    exact = torch.where(x64 > 0, x64 + 1.0, torch.exp(x64))  # elu(x) + 1 in float64
+    # relative, even where elu + 1 cancels to 0 (the float32 rounding of x log2 e grows with |x|), down to 1e-13
+    torch.testing.assert_close(y.double(), exact, atol=1e-37, rtol=4e-6)
+    torch.testing.assert_close(y, torch.nn.functional.elu(x.detach()) + 1.0, atol=1e-7, rtol=0)
+    assert torch.all(y > 0)
+    (y * torch.arange(x.numel())).sum().backward()
+    exact_grad = torch.where(x64 >= 0, 1.0, torch.exp(x64)) * torch.arange(x.numel())
+    torch.testing.assert_close(x.grad.double(), exact_grad, atol=1e-33, rtol=4e-6)
+    for kind in FeatureMap:  # the in-place maps give the same values
+        z = x.detach().clone()
+        torch.testing.assert_close(FEATURE_MAPS_INPLACE[kind](z.clone()), FEATURE_MAPS[kind](z), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attention", list(AttentionKind))
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("self_attention", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_into_is_the_output_followed_by_a_linear_map(attention, heads, self_attention, grad):
+    """``rows @ state + per_request`` equals ``forward(...) @ weight.T`` on every real row, with and without
+    autograd (the in-place path), for keys of their own and for self-attention (one product for Q and K)."""
+    query, key, value = _inputs(3)
+    qmask = QUERY_MASK
+    kmask = KEY_MASK
+    if self_attention:
+        key = value = query = torch.randn(B, M, DQ)
+        kmask = qmask
+        att = SetLinearAttention(DQ, DQ, DQ, MODEL, heads=heads, attention=attention)
+    else:
+        att = _module(heads, attention=attention)
+    weight = torch.randn(11, MODEL)
+    expected = att(query, key, value, qmask, kmask) @ weight.t()  # [B, M, 11]
+    with torch.set_grad_enabled(grad):
+        rows, state, per_request = att.into(weight, query, *((query, query) if self_attention else (key, value)),
+                                            qmask, kmask)
+        got = torch.bmm(rows, state) + per_request.unsqueeze(1)
+    assert rows.shape == (B, M, MODEL) and state.shape == (B, MODEL, 11) and per_request.shape == (B, 11)
+    real = qmask & kmask.any(1, keepdim=True)  # rows of requests without a key are 0 in forward
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    if not self_attention:  # request 1 has no valid key: no W_o bias either, and nothing from the state
+        assert torch.all(per_request[1] == 0) and torch.all(got[1][qmask[1]] == 0)
+    if grad:  # differentiable like forward
+        got[real].sum().backward()
+        assert att.w_q.weight.grad is not None and att.w_q.weight.grad.abs().sum() > 0

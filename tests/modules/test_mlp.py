@@ -61,3 +61,21 @@ def test_reset_parameters_restores_init_after_meta_materialisation():
     prelu.to_empty(device="cpu")
     prelu.reset_parameters()
     assert torch.all(prelu.alpha == 0.25)
+
+
+@pytest.mark.parametrize("activation", list(Activation))
+def test_first_layer_as_a_sum_of_column_blocks(activation: Activation):
+    torch.manual_seed(0)
+    mlp = MLP(9, [5, 4], out_features=1, activation=activation).eval()
+    parts = [torch.randn(6, 2), torch.randn(6, 3), torch.randn(6, 4)]
+    blocks = mlp.first_blocks([2, 3, 4])
+    assert [tuple(b.shape) for b in blocks] == [(5, 2), (5, 3), (5, 4)]
+    h = sum(p @ b.t() for p, b in zip(parts, blocks)) + mlp.layers[0].bias
+    torch.testing.assert_close(mlp.after_first(h.clone()), mlp(torch.cat(parts, dim=-1)))
+    x = torch.randn(6, 9, requires_grad=True)  # the in-place ReLU keeps autograd intact
+    mlp.after_first(mlp.layers[0](x)).sum().backward()
+    y = x.detach().clone().requires_grad_(True)
+    mlp(y).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    with pytest.raises(ValueError, match="do not split"):
+        mlp.first_blocks([2, 3])
