@@ -12,7 +12,9 @@ learned attention against the data's true relevance.
   as a histogram, and the share of rows with a negative cosine;
 * attention vs ground truth (data with ``model.relevance_feature``, e.g. synthetic ``hist_relevance``): over
   the validation split, the ESU's mean weight and the true relevance of the survivors by position (log2 of the
-  distance from the most recent behaviour) and by whether the behaviour is of the target's category.
+  distance from the most recent behaviour) and by whether the behaviour is of the target's category; and how
+  peaked the ESU's softmax is (``sharpness``: mean entropy, effective number of survivors ``exp(entropy)`` and
+  largest weight per row).
 
 Writes ``RUN/diagnostics/diagnostics.json``, TensorBoard ``RUN/diagnostics/tb`` (scalars, the cosine histogram,
 the attention picture as an image) and ``RUN/diagnostics/attention.png`` (rows: learned weight, true relevance;
@@ -79,10 +81,21 @@ def gradient_stats(model: DARE, batches: list) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def sharpness(weights: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ESU weights ``[B, K]`` (``ok`` marks the real survivors): the entropy ``-sum w log w`` (nats),
+    the effective number of survivors ``exp(entropy)`` and the largest weight; rows without survivors are
+    dropped. A uniform row over n survivors gives ``log n``, ``n`` and ``1 / n``; one weight of 1 gives 0, 1, 1."""
+    w = torch.where(ok, weights, 0.0).double()  # [B, K]
+    keep = ok.any(dim=1)  # [B]
+    entropy = -(w * torch.log(torch.where(w > 0, w, 1.0))).sum(dim=1)[keep]  # [B'] (0 log 0 = 0)
+    return entropy, torch.exp(entropy), w.max(dim=1).values[keep]
+
+
 def attention_vs_truth(model: DARE, cfg: Any, caps: dict) -> dict[str, Any]:
     mc: DAREConfig = model.cfg
     w_pos, r_pos, n_pos = (np.zeros(POSITION_BUCKETS) for _ in range(3))
     w_cat, r_cat, n_cat = (np.zeros(2) for _ in range(3))
+    sharp: list[list[torch.Tensor]] = [[], [], []]
     model.eval()
     with torch.no_grad():
         for b in eval_loader(cfg.data, 0, 1, sequence_caps=caps):
@@ -101,11 +114,18 @@ def attention_vs_truth(model: DARE, cfg: Any, caps: dict) -> dict[str, Any]:
             w, r = weights[ok].double().numpy(), rel[flat].double().numpy()
             np.add.at(w_pos, bucket, w), np.add.at(r_pos, bucket, r), np.add.at(n_pos, bucket, 1)
             np.add.at(w_cat, same, w), np.add.at(r_cat, same, r), np.add.at(n_cat, same, 1)
+            for acc, x in zip(sharp, sharpness(weights, ok)):
+                acc.append(x)
     div = lambda a, n: np.where(n > 0, a / np.maximum(n, 1), 0.0)  # noqa: E731
+    entropy, effective, largest = (torch.cat(x) if x else torch.zeros(0, dtype=torch.double) for x in sharp)
+    mean = lambda x: float(x.mean()) if x.numel() else 0.0  # noqa: E731
     return {"by_position": {"weight": div(w_pos, n_pos).tolist(), "relevance": div(r_pos, n_pos).tolist(),
                             "count": n_pos.astype(int).tolist()},
             "by_category": {"labels": ["other", "same"], "weight": div(w_cat, n_cat).tolist(),
-                            "relevance": div(r_cat, n_cat).tolist(), "count": n_cat.astype(int).tolist()}}
+                            "relevance": div(r_cat, n_cat).tolist(), "count": n_cat.astype(int).tolist()},
+            # how peaked the ESU's softmax is over the survivors (mean over validation rows with survivors)
+            "sharpness": {"entropy": mean(entropy), "effective_survivors": mean(effective),
+                          "max_weight": mean(largest), "rows": int(entropy.numel())}}
 
 
 def picture(att: dict[str, Any], cell: int = 24) -> np.ndarray:
