@@ -29,6 +29,7 @@ checkpoint (mean, sd, per seed), the difference to DARE and the GSU's NDCG@100 a
     .venv/bin/python benchmarks/dare_table.py                        # 7 rows x 2 dims x 3 seeds, the configs' 700 steps
     .venv/bin/python benchmarks/dare_table.py --steps 350 --dims 16  # shorter
     .venv/bin/python benchmarks/dare_table.py --time-mode embed      # every dare row with decoupled time tables
+    .venv/bin/python benchmarks/dare_table.py --attn-temperature 2   # every dare row's attention logits halved
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=None, help="override train.max_steps (default: the configs' 700)")
     parser.add_argument("--report-only", action="store_true", help="print the table of the runs already finished")
+    parser.add_argument("--attn-temperature", type=float, default=None,
+                        help="model.attn_temperature of every dare-entry row (default: the configs' 1; synthetic_long"
+                             " only; runs go to <out>_temp_<T>)")
     parser.add_argument("--time-mode", choices=["bias", "embed"], default=None,
                         help="model.time_mode of every dare-entry row (default: the configs'; synthetic_long only)")
     parser.add_argument("--world", choices=["synthetic_long", "taobao_sample"], default="synthetic_long")
@@ -95,7 +99,8 @@ def main() -> None:
     sample = args.world == "taobao_sample"
     args.data = args.data or ROOT / f"data/{args.world}"
     default_out = "runs/dare_table_taobao_sample" if sample else "runs/dare_table"
-    args.out = args.out or ROOT / (default_out + (f"_time_{args.time_mode}" if args.time_mode else ""))
+    args.out = args.out or ROOT / (default_out + (f"_time_{args.time_mode}" if args.time_mode else "")
+                                   + (f"_temp_{args.attn_temperature:g}" if args.attn_temperature else ""))
     if sample and not (args.data / "meta.json").is_file():
         import subprocess
 
@@ -116,6 +121,8 @@ def main() -> None:
                     m = taobao_sample_run(row, dim, seed, args.data, args.out)
                 else:
                     time_mode = [f"model.time_mode={args.time_mode}"] if args.time_mode and config == "dare" else []
+                    if args.attn_temperature and config == "dare":
+                        time_mode.append(f"model.attn_temperature={args.attn_temperature:g}")
                     m = train(f"{SLUG[row]}_d{dim}", seed, args.data, args.out, args.steps, config=config,
                               extra=extra + time_mode + dim_overrides(config, dim))
                 results.setdefault(str(dim), {}).setdefault(row, []).append(m)

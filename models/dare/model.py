@@ -79,6 +79,8 @@ class DAREConfig:
         target_aware: ``h = sum_i w_i (e_i ⊙ v_t)``; False: ``sum_i w_i e_i`` (TWIN w/o TR).
         search: ``soft`` (top K by the attention logit) or ``hard`` (behaviours of the target's category).
         top_k: K.
+        attn_temperature: T, the attention logit is ``<e_i^att, v_t^att> / (sqrt(d_att) T)`` (1: the paper's). A
+            larger T makes the ESU's softmax flatter at the same embeddings (README, DARE: why dim 64 differs).
         user_feature: scalar user id feature (None: none), embedded at ``repr_dim``.
         target_features: scalar item features of the target, item id first.
         history_features: behaviour features aligned with them.
@@ -108,6 +110,7 @@ class DAREConfig:
     target_aware: bool = True
     search: DareSearch = DareSearch.soft
     top_k: int = 100
+    attn_temperature: float = 1.0
     user_feature: Optional[str] = None
     target_features: list[str] = field(default_factory=lambda: ["item_id", "item_category"])
     history_features: list[str] = field(default_factory=lambda: ["hist_item_id", "hist_category"])
@@ -132,6 +135,8 @@ def _check(cfg: DAREConfig, schema: SchemaConfig) -> None:
         raise ValueError("projection (TWIN w/ proj) projects one shared table: it needs tables: 1")
     if cfg.top_k <= 0 or cfg.long_history < 0:
         raise ValueError("top_k must be > 0 and long_history >= 0")
+    if not cfg.attn_temperature > 0:
+        raise ValueError(f"attn_temperature must be > 0, got {cfg.attn_temperature}")
 
 
 class DARE(nn.Module):
@@ -165,7 +170,7 @@ class DARE(nn.Module):
             self.w_q = nn.Linear(a, a, bias=False, device=device)
             self.w_k = nn.Linear(a, a, bias=False, device=device)
             self.w_v = nn.Linear(r, r, bias=False, device=device)
-        self.scale = 1.0 / math.sqrt(a)
+        self.scale = 1.0 / (math.sqrt(a) * cfg.attn_temperature)
         width = (cfg.repr_dim if cfg.user_feature else 0) + (3 if cfg.target_cross else 2) * r
         self.norm: nn.Module = nn.BatchNorm1d(width, device=device) if cfg.mlp_batch_norm else nn.Identity()
         self.mlp = MLP(width, cfg.mlp_hidden, out_features=require_sample_labels(schema, "dare"),

@@ -159,6 +159,23 @@ def test_table1_variants_build_their_tables_and_train(overrides, roles):
 def test_bad_variants_are_rejected():
     cfg, _, _ = load_config(ROOT / "configs/tests/dare_tiny.yaml")
     for bad, word in [({"tables": 3}, "tables"), ({"tables": 2, "projection": True}, "projection"),
-                      ({"tables": 1, "attn_dim": 4, "repr_dim": 8}, "attn_dim == repr_dim")]:
+                      ({"tables": 1, "attn_dim": 4, "repr_dim": 8}, "attn_dim == repr_dim"),
+                      ({"attn_temperature": 0.0}, "attn_temperature")]:
         with pytest.raises(ValueError, match=word):
             DARE(replace(cfg.model, **bad), cfg.data.schema, torch.device("meta"))
+
+
+def test_attention_temperature_divides_the_logits():
+    """T = 2: the ESU's weights are the softmax of half the T = 1 logits (same tables, no time bias)."""
+    base, batch = _setup(3)
+    hot, _ = _setup(3, attn_temperature=2.0)
+    hot.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        v, query, keys, _ = base.attention_inputs(batch)
+        result = base._search(batch, query, keys, None, v.lengths)
+        w1, _ = base.attend(v, query, keys, None, result)
+        w2, _ = hot.attend(v, query, keys, None, result)
+        logits = torch.log(w1.clamp(min=1e-30))  # softmax logits up to a per-row constant
+        expected = torch.softmax(torch.where(w1 > 0, logits / 2, -torch.inf), dim=1)
+        torch.testing.assert_close(w2, torch.nan_to_num(expected), atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(w1, w2)
