@@ -9,10 +9,11 @@ Both modes are the same head with the same parameters; only the mixing differs
 ``scaled_dot_product_attention``). Only c2c is quadratic in m for softmax (c2s is m x n, n fixed), so softmax
 grows with an exponent between 1 and 2; the MLP is linear in m in both modes and bounds the ratio.
 
-Both modes are timed on the serving path, ``SetHead.score`` (as ``models.duet.PreRanker.score``): the MLP's first
-layer as a sum of column-block products accumulated in place, each attention's ``W_o`` and MLP block folded into
-its per-request state (``SetLinearAttention.into``), ``F_u``'s block once per request. The table also shows the
-plain ``forward`` (concatenation, then the MLP) of each mode.
+Both modes are timed on the serving path, ``SetHead.score`` (as ``models.duet.PreRanker.score``): each attention's
+``W_o`` and MLP block folded into its per-request state (``SetLinearAttention.fold_keys``), ``F_u``'s block once
+per request, and the candidates in steps of ``SCORE_TILE`` rows through ``modules.linear_attention.score_folded``
+(one product for both attentions' queries, one for both states, then the rest of the MLP). The table also shows
+the plain ``forward`` (concatenation, then the MLP) of each mode.
 
 Embeddings are random (the time does not depend on their values); ``torch.no_grad``, eval mode,
 ``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the modes interleaved so
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from modules.linear_attention import AttentionKind, SetLinearAttention  # noqa: E402
+from modules.linear_attention import AttentionKind, SetLinearAttention, score_folded  # noqa: E402
 from modules.mlp import MLP  # noqa: E402
 
 
@@ -104,18 +105,17 @@ class SetHead(nn.Module):
 
     def score(self, can, seq, user, cross, can_mask, seq_mask) -> torch.Tensor:
         """The serving path, as ``models.duet.PreRanker.score``: :meth:`forward`'s logits ``[B, M]`` (up to float
-        rounding), the MLP's first layer as a sum of column-block products accumulated into one output, each
-        attention's block folded into its per-request state (``SetLinearAttention.into``), ``F_u``'s block once
-        per request: no concatenation, no attention output or ``W_o`` product per candidate."""
+        rounding). Each attention's ``W_o`` and MLP block are folded into its per-request state
+        (``SetLinearAttention.fold_keys``), ``F_u``'s block is computed once per request, and the candidates run
+        through ``modules.linear_attention.score_folded`` in steps of ``SCORE_TILE`` rows: no concatenation, no
+        attention output or ``W_o`` product per candidate."""
         a, d = self.c2s.model_dim, can.size(-1)
         w_cs, w_cc, w_u, w_c = self.mlp.first_blocks([a, a, d, d])  # [F, width] each
-        rows, state, per_request = self.c2s.into(w_cs, can, seq, seq, can_mask, seq_mask)
-        h = torch.bmm(rows, state)  # [B, M, F]
-        rows, state, cc_request = self.c2c.into(w_cc, can, can, can, can_mask, can_mask)
-        h = h.baddbmm_(rows, state).baddbmm_(cross, w_c.t().expand(can.size(0), -1, -1))  # in place: + F_cro
-        per_request = per_request + cc_request + torch.nn.functional.linear(user, w_u, self.mlp.layers[0].bias)
-        h = h.add_(per_request.unsqueeze(1))  # [B, M, F]
-        return self.mlp.after_first(h).squeeze(-1)  # [B, M]
+        parts = [(self.c2s, self.c2s.fold_keys(w_cs, seq, seq, seq_mask)),
+                 (self.c2c, self.c2c.fold_keys(w_cc, can, can, can_mask))]  # fmt: skip
+        bias = torch.nn.functional.linear(user, w_u, self.mlp.layers[0].bias) + parts[0][1].per_request
+        bias = bias + parts[1][1].per_request  # [B, F]
+        return score_folded(parts, can, can_mask, [(cross, w_c)], bias, self.mlp)  # [B, M]
 
 
 def _inputs(m: int, n: int, dim: int) -> tuple[torch.Tensor, ...]:
@@ -255,12 +255,16 @@ def main() -> None:
         m = args.breakdown_m
         can, seq, user, cross, can_mask, seq_mask = _inputs(m, args.n, dim)
         w_cs, w_cc, w_u, w_c = linear.mlp.first_blocks([args.model_dim, args.model_dim, dim, dim])
-        h = torch.randn(1, m, args.mlp_hidden[0] if args.mlp_hidden else 1)
+        folded = {
+            a: [(a.c2s, a.c2s.fold_keys(w_cs, seq, seq, seq_mask)), (a.c2c, a.c2c.fold_keys(w_cc, can, can, can_mask))]
+            for a in (linear, softmax)
+        }
+        bias = torch.nn.functional.linear(user, w_u, linear.mlp.layers[0].bias)
         parts = {
-            "c2s (m x n), folded": lambda a: a.c2s.into(w_cs, can, seq, seq, can_mask, seq_mask),
-            "c2c (m x m), folded": lambda a: a.c2c.into(w_cc, can, can, can, can_mask, can_mask),
-            "F_cro block + rest of the MLP": lambda a: a.mlp.after_first(
-                h.clone().baddbmm_(cross, w_c.t().expand(1, -1, -1))),
+            "c2s keys (m-independent), fold_keys": lambda a: a.c2s.fold_keys(w_cs, seq, seq, seq_mask),
+            "c2c keys, fold_keys": lambda a: a.c2c.fold_keys(w_cc, can, can, can_mask),
+            "queries, both states, F_cro block, rest of the MLP (score_folded)": lambda a: score_folded(
+                folded[a], can, can_mask, [(cross, w_c)], bias, a.mlp),
         }
         print(f"\nwhere the time goes at m = {m:,} (the serving path; ms, median of {args.repeats}):")
         print("| part | linear ms | softmax ms | softmax / linear |")

@@ -38,7 +38,7 @@ from torch import nn
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
-from modules.linear_attention import SetLinearAttention
+from modules.linear_attention import SCORE_TILE, SetLinearAttention, score_folded
 from modules.mlp import MLP
 from modules.sequence import last_n, masked_mean, pad_jagged
 
@@ -273,28 +273,29 @@ class PreRanker(nn.Module):
                 hidden = torch.cat([hidden, cross], dim=-1)
         return Scores(logits=logits, lengths=lengths, hidden=hidden)
 
-    def score(self, batch: Batch) -> torch.Tensor:
+    def score(self, batch: Batch, tile: int = SCORE_TILE) -> torch.Tensor:
         """Serving: the logits ``[N]`` of :meth:`forward` (equal up to float rounding), computed faster.
 
         ``duet``: the MLP's first layer over ``[F_can, F_c-s, F_c-c, F_u, F_cro]`` becomes a sum of column-block
         products (:meth:`modules.mlp.MLP.first_blocks`), with each attention's block folded into its
-        per-request state (:meth:`SetLinearAttention.into`) and the user block computed once per request: no
-        concatenation, no attention output or ``W_o`` product per candidate, no user features repeated per
-        candidate. In softmax mode the same fold applies (the same head, for the latency comparison). The
-        towers score as in :meth:`forward`.
+        per-request state (:meth:`SetLinearAttention.fold_keys`) and the user block computed once per request:
+        no concatenation, no attention output or ``W_o`` product per candidate, no user features repeated per
+        candidate. The candidates then run through :func:`modules.linear_attention.score_folded` in steps of
+        ``tile`` rows (one product for both attentions' queries, one for both states). In softmax mode the same
+        fold applies (the same head, for the latency comparison). The towers score as in :meth:`forward`.
         """
         if self.arch != Arch.duet:
             return self(batch).logits
         user, history, h_mask, items, lengths, cross = self._inputs(batch)
         w_i, w_cs, *w_cc, w_u, w_c = self.mlp.first_blocks(self.blocks)  # [F, width] each
         f_can, c_mask = pad_jagged(items, lengths)  # [B, M, I], [B, M]
-        rows, state, per_request = self.c2s.into(w_cs, f_can, history, history, c_mask, h_mask)
-        h = torch.bmm(rows, state)  # [B, M, F]
-        per_request = per_request + nn.functional.linear(user, w_u, self.mlp.layers[0].bias)  # [B, F]
+        parts = [(self.c2s, self.c2s.fold_keys(w_cs, history, history, h_mask))]
         if self.c2c is not None:
-            rows, state, cc_request = self.c2c.into(w_cc[0], f_can, f_can, f_can, c_mask, c_mask)
-            h = h.baddbmm_(rows, state)  # accumulated in place: no pass of its own
-            per_request = per_request + cc_request
-        h = h.add_(per_request.unsqueeze(1))[c_mask]  # [N, F]
-        h = h.addmm_(items, w_i.t()).addmm_(cross, w_c.t())  # [N, F]: + F_can and F_cro blocks
-        return self.mlp.after_first(h).squeeze(-1)  # [N]
+            parts.append((self.c2c, self.c2c.fold_keys(w_cc[0], f_can, f_can, c_mask)))
+        bias = nn.functional.linear(user, w_u, self.mlp.layers[0].bias)  # [B, F]: F_u's block, once per request
+        for _, keys in parts:
+            bias = bias + keys.per_request
+        blocks = [(f_can, w_i)]
+        if cross.size(-1):
+            blocks.append((pad_jagged(cross, lengths)[0], w_c))  # [B, M, C]
+        return score_folded(parts, f_can, c_mask, blocks, bias, self.mlp, tile)[c_mask]  # [N]

@@ -216,6 +216,9 @@ def test_serving_score_equals_the_forward_logits(attention, set_attention, cross
         assert got.shape == want.shape == (sum(len(c) for c in cols["cand_item_id"]),)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(sub.score(batch), want, atol=1e-6, rtol=1e-5)  # with autograd on, too
+        for tile in (1, 12):  # 1 and 2 candidates of each of the 5 requests per step: the same logits
+            with torch.no_grad():
+                torch.testing.assert_close(sub.score(batch, tile=tile), want, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # serving goes through score, with the served sub-model
         torch.testing.assert_close(module.model(batch), module.model.a(batch).logits, atol=1e-6, rtol=1e-5)
 

@@ -10,7 +10,9 @@ from modules.linear_attention import (
     SetLinearAttention,
     linear_attention,
     linear_attention_quadratic,
+    score_folded,
 )
+from modules.mlp import MLP
 
 B, M, N, DQ, DK, DV, MODEL = 3, 5, 7, 6, 4, 3, 8
 # request 0: 3 real candidates, 4 real keys; request 1: no valid key; request 2: everything real
@@ -259,3 +261,44 @@ def test_into_is_the_output_followed_by_a_linear_map(attention, heads, self_atte
     if grad:  # differentiable like forward
         got[real].sum().backward()
         assert att.w_q.weight.grad is not None and att.w_q.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kinds", [("linear", "linear"), ("linear", "softmax"), ("softmax", "softmax")])
+@pytest.mark.parametrize("grad", [False, True])
+def test_score_folded_is_the_mlp_over_the_concatenated_outputs_in_any_tiling(kinds, grad):
+    """``score_folded`` over two attentions sharing the queries (one over keys of their own, one over the queries
+    themselves) and a per-query block equals ``MLP([att_1, att_2, x]) `` on every real row, for steps of 1, 2 and
+    all queries (several requests per step, padding, a request without keys); both linear takes the shared
+    path (one feature map, one normalisation), a softmax one the per-attention path."""
+    query, key, value = _inputs(5)
+    torch.manual_seed(1)
+    att1 = SetLinearAttention(DQ, DK, DV, MODEL, heads=2, attention=kinds[0])
+    att2 = SetLinearAttention(DQ, DQ, DQ, MODEL, heads=2, attention=kinds[1])
+    mlp = MLP(2 * MODEL + 4, [9, 5], out_features=1)
+    extra = torch.randn(B, M, 4)
+    qmask = QUERY_MASK
+    out1 = att1(query, key, value, qmask, KEY_MASK)  # request 1 has no valid key: 0 rows
+    out2 = att2(query, query, query, qmask, qmask)
+    expected = mlp(torch.cat([out1, out2, extra], dim=-1)).squeeze(-1)  # [B, M]
+    w1, w2, w_x = mlp.first_blocks([MODEL, MODEL, 4])
+    with torch.set_grad_enabled(grad):
+        k1, k2 = att1.fold_keys(w1, key, value, KEY_MASK), att2.fold_keys(w2, query, query, qmask)
+        bias = (mlp.layers[0].bias + k1.per_request + k2.per_request)  # [B, F]
+        for tile in (1, 2 * B, 100):  # one, two and all queries of every request per step
+            got = score_folded([(att1, k1), (att2, k2)], query, qmask, [(extra, w_x)], bias, mlp, tile=tile)
+            assert got.shape == (B, M)
+            torch.testing.assert_close(got[qmask], expected[qmask], atol=1e-5, rtol=1e-5)
+        if grad:  # differentiable like the MLP over the concatenation
+            got[qmask].sum().backward()
+            assert att1.w_q.weight.grad.abs().sum() > 0 and att2.w_k.weight.grad.abs().sum() > 0
+
+
+def test_query_rows_of_a_subset_are_those_rows_of_all():
+    """A query's rows do not depend on the other queries of the step (what lets ``score_folded`` tile)."""
+    query, key, value = _inputs(6)
+    att = _module(2)
+    with torch.no_grad():
+        keys = att.fold_keys(torch.randn(7, MODEL), key, value, KEY_MASK)
+        full = att.query_rows(keys, att.w_q(query), QUERY_MASK)
+        part = att.query_rows(keys, att.w_q(query[:, 2:4]), QUERY_MASK[:, 2:4])
+    torch.testing.assert_close(part, full[:, 2:4])
