@@ -8,6 +8,8 @@ What it does, from the repository root:
    eval rows, histories up to 2,000 behaviours, median 800) unless it is there;
 2. trains ``configs/experiments/{twin,sim_hard,sim_soft,din_last50}_synthetic_long.yaml`` for ``--seeds`` seeds
    (``train.seed`` = ``data.seed`` = the seed; same data, same steps) on 2 ranks;
+   ``twin_oracle`` is a diagnostic row: TWIN with ``model.search=oracle``, its ESU over the 100 behaviours of
+   highest true relevance (it reads ``hist_relevance``), the most any GSU could hand the ESU;
 3. prints validation AUC of the best checkpoint (mean, sd, each seed), GAUC, logloss, the GSU's NDCG@100 and
    recall@100 against the data's true per-behaviour relevance (``hist_relevance``; rows longer than 100), and
    the training samples/s, with each entry's AUC difference to TWIN; writes ``runs/twin_synthetic/results.json``.
@@ -34,7 +36,10 @@ PARAMS = SyntheticParams(
     num_samples=60000, num_eval_samples=10000, num_users=3000, num_items=20000, num_categories=200,
     max_seq_len=2000, length_median=800, row_group_size=2000, files=4, seed=0,
 )  # fmt: skip
-MODELS = ["twin", "dare", "sim_hard", "sim_soft", "din_last50"]
+MODELS = ["twin", "dare", "sim_hard", "sim_soft", "din_last50", "twin_oracle"]
+# Rows that are another row's config with overrides. twin_oracle is a diagnostic, not a model: TWIN's ESU over the
+# 100 behaviours of highest true relevance (model.search=oracle reads hist_relevance), the most any GSU can hand it.
+VARIANTS = {"twin_oracle": ("twin", ["model.search=oracle"])}
 
 
 def train(model: str, seed: int, data: Path, out: Path, steps: int | None, config: str | None = None,
@@ -72,7 +77,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for model in args.models:
         for seed in args.seeds:
-            results.setdefault(model, []).append(train(model, seed, args.data, args.out, args.steps))
+            config, extra = VARIANTS.get(model, (None, []))
+            results.setdefault(model, []).append(train(model, seed, args.data, args.out, args.steps, config, extra))
     (args.out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
 
     def stat(runs: list[dict], key: str) -> list[float]:

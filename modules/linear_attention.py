@@ -39,7 +39,7 @@ def _elu1(x: torch.Tensor) -> torch.Tensor:
 
 def _elu1_(x: torch.Tensor) -> torch.Tensor:
     """:func:`_elu1` overwriting ``x`` and its own temporaries (inference on a fresh projection: no autograd)."""
-    return torch.exp2(x.clamp(max=0.0).mul_(_LOG2E)).add_(x.relu_())
+    return x.clamp(max=0.0).mul_(_LOG2E).exp2_().add_(x.relu_())
 
 
 FEATURE_MAPS: dict[FeatureMap, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -8,6 +8,8 @@ behaviours) and the other features sit beside it; an MLP mixes them.
 * ``search: hard``: behaviours of the target's category, most recent first (SIM-hard's GSU; TWIN-hard);
 * ``search: inner_product``: SIM-soft's GSU, the inner product of separately trained embeddings (tables of
   role ``gsu``, trained only by an auxiliary loss: attention-pooled history vs target over the whole history);
+* ``search: oracle``: a diagnostic, not a model: the K behaviours of highest true relevance
+  (``relevance_feature``, synthetic data's ``hist_relevance``), an upper bound of what any GSU can hand the ESU;
 * ``esu: twin``: TWIN's ESU (relevance with inherent/cross split, H heads, W_o);
 * ``esu: mha``: multi-head target attention over the survivors' full features (SIM's ESU).
 
@@ -52,6 +54,7 @@ class Search(str, enum.Enum):
     soft = "soft"
     hard = "hard"
     inner_product = "inner_product"
+    oracle = "oracle"  # a diagnostic, not a model: the true top K by ``relevance_feature`` (the ground truth)
 
 
 class GSUKeys(str, enum.Enum):
@@ -150,6 +153,8 @@ class TwoStageOutput:
 def _check(cfg: TWINConfig, schema: SchemaConfig) -> None:
     hard = (cfg.hard_search_feature, cfg.hard_target_feature) if cfg.search == Search.hard else None
     check_search_features(schema, cfg.target_features, cfg.history_features, [cfg.time_feature, cfg.relevance_feature], hard)
+    if cfg.search == Search.oracle and not cfg.relevance_feature:
+        raise ValueError("search: oracle ranks by the true relevance: set model.relevance_feature (e.g. hist_relevance)")
     for name in ([cfg.user_feature] if cfg.user_feature else []) + cfg.target_features:
         if schema.id_feature(name).sequence:
             raise ValueError(f"{name} must be a scalar id feature")
@@ -269,6 +274,10 @@ class TwoStage(nn.Module):
                 items = unique_items(ids, self.item_id_ranges)
             return self.gsu(query, lengths, cross=cross, inherent=inherent, items=items,
                             fold=cfg.gsu_keys == GSUKeys.folded), None
+        if cfg.search == Search.oracle:  # the ground truth, for the diagnostic only
+            truth = batch.float_sequences[cfg.relevance_feature].values()  # [S]
+            indices, valid = jagged_topk(truth, lengths, cfg.top_k)
+            return SearchResult(indices=indices, valid=valid, scores=truth), None
         if cfg.search == Search.hard:
             return hard_search(kjt[cfg.hard_search_feature].values(), kjt[cfg.hard_target_feature].values(),
                                lengths, cfg.top_k), None

@@ -127,3 +127,20 @@ def test_two_stage_rejects_a_hard_search_without_the_category():
         assert "hard_search_feature" in str(e)
     else:
         raise AssertionError("accepted")
+
+
+def test_oracle_search_keeps_the_true_top_k_and_needs_the_relevance_feature():
+    """``search: oracle`` (a diagnostic) hands the ESU the K behaviours of highest true relevance; NDCG@K is 1."""
+    model, _, batch, _ = _setup("twin", lengths=(0, 40), top_k=5, search=Search.oracle, relevance_feature="hist_relevance")
+    out = model.run(batch)
+    truth = batch.float_sequences["hist_relevance"].values()
+    ends = torch.cumsum(out.lengths, 0)
+    for b in range(out.lengths.numel()):
+        row = truth[int(ends[b] - out.lengths[b]) : int(ends[b])]
+        got = truth[out.search.indices[b][out.search.valid[b]]]
+        assert torch.equal(got, torch.sort(row, descending=True).values[:5]), b  # the best 5, best first
+    q = search_quality(truth, out.lengths, out.search, 5)
+    long_rows = out.lengths > 5
+    assert long_rows.any() and torch.allclose(q["gsu_ndcg@5"][long_rows], torch.ones(int(long_rows.sum())))
+    with pytest.raises(ValueError, match="relevance_feature"):
+        _setup("twin", search=Search.oracle, relevance_feature=None)
