@@ -467,25 +467,47 @@ def score_folded(
     per_step = max(1, tile // b)  # queries of each request per step, then steps of equal size
     step = -(-m // -(-m // per_step)) if m else 1
     for s in range(0, m, step):
-        x = query[..., s : s + step, :]  # [B, T, D_q] or [T, D_q]
-        q = nn.functional.linear(x, w_q)  # [B, T, ΣH d]
-        if z is not None:
-            phi_q = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[first.feature_map](q)
-            heads = phi_q.view(*q.shape[:-1], -1, first.head_dim)  # [B, T, ΣH, d]
-            rows = _normalised(heads.view(b, -1, *heads.shape[-2:]), z.view(b, *z.shape[-2:]), first.eps, inplace)
-            rows = rows.view(q.shape)
-        else:
-            widths = [a.model_dim for a in attentions]
-            qs = torch.split(q.view(b, -1, q.size(-1)), widths, dim=-1)
-            qm = query_mask.view(b, -1)[:, s : s + step]
-            rows = torch.cat([a.query_rows(k, qa, qm) for (a, k), qa in zip(parts, qs)], dim=-1).view(q.shape)
-        if b == 1:
-            h = torch.addmm(bias, rows, state)  # [T, F]
-            for x_j, w_j in blocks:
-                h = h.addmm_(x_j[s : s + step], w_j)
-        else:
-            h = torch.baddbmm(bias, rows, state)  # [B, T, F]
-            for x_j, w_j in blocks:
-                h = h.baddbmm_(x_j[:, s : s + step], w_j)
-        out[..., s : s + step] = mlp.after_first(h).squeeze(-1)
+        sl = slice(s, s + step)
+        out[..., sl] = _fold_step(parts, w_q, z, state, bias, query[..., sl, :], query_mask[..., sl],
+                           [(x_j[..., sl, :], w_j) for x_j, w_j in blocks], mlp, inplace)  # fmt: skip
     return out.view(b, m)
+
+
+def _fold_step(
+    parts: Sequence[tuple[SetLinearAttention, FoldedKeys]],
+    w_q: torch.Tensor,
+    z: Optional[torch.Tensor],
+    state: torch.Tensor,
+    bias: torch.Tensor,
+    x: torch.Tensor,
+    query_mask: torch.Tensor,
+    blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    mlp: nn.Module,
+    inplace: bool,
+) -> torch.Tensor:
+    """One step of :func:`score_folded`: the logits of queries ``x`` (``[B, T, D_q]``, or ``[T, D_q]`` for one
+    request, with ``state``, ``bias``, ``z`` and ``blocks`` shaped alike), ``[B, T]`` or ``[T]``."""
+    q = nn.functional.linear(x, w_q)  # [B, T, ΣH d]
+    if z is not None:  # every attention linear with one feature map, head width and eps
+        first = parts[0][0]
+        phi_q = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[first.feature_map](q)
+        heads = phi_q.view(*q.shape[:-1], -1, first.head_dim)  # [B, T, ΣH, d]
+        lead = heads.shape[:-2]
+        rows = _normalised(heads.reshape(-1, *heads.shape[-3:]) if x.dim() == 3 else heads.unsqueeze(0),
+                           z if x.dim() == 3 else z.unsqueeze(0), first.eps, inplace)  # fmt: skip
+        rows = rows.view(*lead, -1)  # [B, T, ΣH d]
+    else:
+        b = x.size(0) if x.dim() == 3 else 1
+        qs = torch.split(q.view(b, -1, q.size(-1)), [a.model_dim for a, _ in parts], dim=-1)
+        qm = query_mask.view(b, -1)
+        rows = torch.cat([a.query_rows(k, qa, qm) for (a, k), qa in zip(parts, qs)], dim=-1).view(q.shape)
+    if x.dim() == 2:
+        h = torch.addmm(bias, rows, state)  # [T, F]
+        for x_j, w_j in blocks:
+            h = h.addmm_(x_j, w_j)
+    else:
+        h = torch.baddbmm(bias, rows, state)  # [B, T, F]
+        for x_j, w_j in blocks:
+            h = h.baddbmm_(x_j, w_j)
+    return mlp.after_first(h).squeeze(-1)
+

@@ -154,7 +154,8 @@ def _check(cfg: TWINConfig, schema: SchemaConfig) -> None:
     hard = (cfg.hard_search_feature, cfg.hard_target_feature) if cfg.search == Search.hard else None
     check_search_features(schema, cfg.target_features, cfg.history_features, [cfg.time_feature, cfg.relevance_feature], hard)
     if cfg.search == Search.oracle and not cfg.relevance_feature:
-        raise ValueError("search: oracle ranks by the true relevance: set model.relevance_feature (e.g. hist_relevance)")
+        raise ValueError("search: oracle ranks by the true relevance: set model.relevance_feature "
+                         "(e.g. hist_relevance)")
     for name in ([cfg.user_feature] if cfg.user_feature else []) + cfg.target_features:
         if schema.id_feature(name).sequence:
             raise ValueError(f"{name} must be a scalar id feature")

@@ -131,7 +131,8 @@ def test_two_stage_rejects_a_hard_search_without_the_category():
 
 def test_oracle_search_keeps_the_true_top_k_and_needs_the_relevance_feature():
     """``search: oracle`` (a diagnostic) hands the ESU the K behaviours of highest true relevance; NDCG@K is 1."""
-    model, _, batch, _ = _setup("twin", lengths=(0, 40), top_k=5, search=Search.oracle, relevance_feature="hist_relevance")
+    model, _, batch, _ = _setup("twin", lengths=(0, 40), top_k=5, search=Search.oracle,
+                                relevance_feature="hist_relevance")
     out = model.run(batch)
     truth = batch.float_sequences["hist_relevance"].values()
     ends = torch.cumsum(out.lengths, 0)

@@ -302,3 +302,4 @@ def test_query_rows_of_a_subset_are_those_rows_of_all():
         full = att.query_rows(keys, att.w_q(query), QUERY_MASK)
         part = att.query_rows(keys, att.w_q(query[:, 2:4]), QUERY_MASK[:, 2:4])
     torch.testing.assert_close(part, full[:, 2:4])
+
