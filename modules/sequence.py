@@ -233,6 +233,8 @@ def _pad_jagged(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tens
     lengths = lengths.to(torch.long)
     width = max(int(lengths.max()) if lengths.numel() else 0, 1)
     mask = torch.arange(width, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)  # [B, M]
+    if values.size(0) == lengths.numel() * width:  # every row full (e.g. one request): no padding, a view
+        return values.view((lengths.numel(), width) + tuple(values.shape[1:])), mask
     padded = values.new_zeros((lengths.numel(), width) + tuple(values.shape[1:]))  # [B, M, ...]
     padded[mask] = values
     return padded, mask
@@ -243,7 +245,8 @@ def pad_jagged(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tenso
 
     Row ``b``'s elements fill slots ``[0, lengths[b])`` in order, the rest is zero; ``padded[mask]`` gives
     ``values`` back in its order. The width M is at least 1 (an all-empty batch gives one padding slot).
-    A leaf under ``torch.fx`` tracing.
+    When every row is full (one request, or rows of equal length) ``padded`` is a view of ``values`` (no copy:
+    do not write into it). A leaf under ``torch.fx`` tracing.
 
     Args:
         values: ``[N, D]`` (or ``[N]``, ``[N, ...]``) jagged values, rows concatenated, N = sum(lengths).

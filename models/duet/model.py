@@ -291,7 +291,8 @@ class PreRanker(nn.Module):
         f_cro = pad_jagged(cross, lengths)[0] if cross.size(-1) else None  # [B, M, C]
         compiled = self.cfg.compile_serving if compiled is None else compiled
         head = self._compiled_head() if compiled and not torch.is_grad_enabled() else self.head_logits
-        return head(user, history, h_mask, f_can, c_mask, f_cro, tile)[c_mask]  # [N]
+        logits = head(user, history, h_mask, f_can, c_mask, f_cro, tile)  # [B, M]
+        return logits.view(-1) if f_can.size(0) * f_can.size(1) == items.size(0) else logits[c_mask]  # [N]
 
     def head_logits(
         self,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modules.sequence import jagged_offsets, jagged_topk, last_n, masked_mean, select_jagged
+from modules.sequence import jagged_offsets, jagged_topk, last_n, masked_mean, pad_jagged, select_jagged
 
 
 def _jagged(rows: list[list[float]], dim: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,3 +212,17 @@ def test_jagged_topk_both_algorithms_match_the_reference(uneven: bool):
         want = sorted(range(n), key=lambda p: (row[p], p), reverse=True)[:7]
         assert got[b].tolist() == [offsets[b] + p for p in want], b
     assert valid.all()
+
+
+def test_pad_jagged_pads_left_aligned_and_views_full_rows():
+    values = torch.arange(12.0).view(6, 2)
+    padded, mask = pad_jagged(values, torch.tensor([2, 0, 3, 1]))
+    assert padded.shape == (4, 3, 2) and mask.tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1], [1, 0, 0]]
+    assert torch.equal(padded[mask], values) and torch.all(padded[~mask] == 0)
+    full, full_mask = pad_jagged(values, torch.tensor([3, 3]))  # every row full: a view, nothing padded
+    assert full.shape == (2, 3, 2) and bool(full_mask.all()) and torch.equal(full[full_mask], values)
+    assert full.data_ptr() == values.data_ptr()
+    one, one_mask = pad_jagged(values, torch.tensor([6]))  # one request
+    assert torch.equal(one[0], values) and bool(one_mask.all())
+    empty, empty_mask = pad_jagged(values[:0], torch.tensor([0, 0]))  # width at least 1
+    assert empty.shape == (2, 1, 2) and not empty_mask.any() and torch.all(empty == 0)
