@@ -14,7 +14,7 @@ What it does, from the repository root:
    recall@100 against the data's true per-behaviour relevance (``hist_relevance``; rows longer than 100), and
    the training samples/s, with each entry's AUC difference to TWIN; writes ``runs/twin_synthetic/results.json``.
 
-    .venv/bin/python benchmarks/twin_synthetic.py                  # 4 entries x 3 seeds, about 40 min here
+    .venv/bin/python benchmarks/twin_synthetic.py                  # 6 rows x 3 seeds, about 70 min here
     .venv/bin/python benchmarks/twin_synthetic.py --seeds 1 --models twin din_last50 --steps 200
 """
 
