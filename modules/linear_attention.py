@@ -407,7 +407,6 @@ class SetLinearAttention(nn.Module):
         return out * rows.unsqueeze(-1).to(out.dtype)  # 0, not W_o's bias, on rows that attended to nothing
 
 
-
 SCORE_TILE = 2048  # at most this many query rows per step of :func:`score_folded` (steps of equal size)
 
 
@@ -427,10 +426,10 @@ def score_folded(
 
     The query side runs in equal steps of at most ``tile`` query rows (all requests together), so that the
     per-step tensors stay in cache instead of streaming ``[M, F]`` tensors through memory several times (at
-    m = 4,500, n = 200, 3 steps of 1,500 ran 5-10% faster here than one; 1,024 or 256 rows per step slower). One product
-    projects the queries of every attention (their ``W_q`` stacked); when all are linear with the same feature
-    map, head width and eps, one feature-map pass and one normalisation serve them all, and one product applies
-    every state (stacked). A query's logit does not depend on the step it falls in.
+    m = 4,500, n = 200, 3 steps of 1,500 ran 5-10% faster here than one; 1,024 or 256 rows per step slower).
+    One product projects the queries of every attention (their ``W_q`` stacked); when all are linear with the
+    same feature map, head width and eps, one feature-map pass and one normalisation serve them all, and one
+    product applies every state (stacked). A query's logit does not depend on the step it falls in.
 
     Args:
         parts: ``(attention, its folded keys)`` in the order of their blocks in the first layer.
@@ -493,8 +492,8 @@ def _fold_step(
         phi_q = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[first.feature_map](q)
         heads = phi_q.view(*q.shape[:-1], -1, first.head_dim)  # [B, T, ΣH, d]
         lead = heads.shape[:-2]
-        rows = _normalised(heads.reshape(-1, *heads.shape[-3:]) if x.dim() == 3 else heads.unsqueeze(0),
-                           z if x.dim() == 3 else z.unsqueeze(0), first.eps, inplace)  # fmt: skip
+        one = x.dim() == 2  # one request: [T, ...] shapes, made [1, T, ...] for the normalisation
+        rows = _normalised(heads.unsqueeze(0) if one else heads, z.unsqueeze(0) if one else z, first.eps, inplace)
         rows = rows.view(*lead, -1)  # [B, T, ΣH d]
     else:
         b = x.size(0) if x.dim() == 3 else 1
