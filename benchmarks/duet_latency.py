@@ -15,17 +15,14 @@ per request, and the candidates in steps of ``SCORE_TILE`` rows through ``module
 (one product for both attentions' queries, one for both states, then the rest of the MLP). The table also shows
 the plain ``forward`` (concatenation, then the MLP) of each mode.
 
-Each mode is timed eagerly and compiled (``torch.compile`` of the whole ``score`` with dynamic shapes, as
-``model.compile_serving`` does for the zoo's scorer; both modes alike; the warmup calls compile).
-
 Embeddings are random (the time does not depend on their values); ``torch.no_grad``, eval mode,
 ``--threads`` threads, ``--warmup`` calls, then the median of ``--repeats`` calls, the modes interleaved so
 that a loaded machine slows both alike. A second table splits the time at ``--breakdown-m`` into the head's parts.
 
 Two more tables time the zoo's own scorer, ``models.duet.PreRanker`` built from ``configs/models/duet.yaml``
 (``--zoo-config``; ``model.attention`` linear vs softmax, the same parameters), on a one-request Batch with m
-candidates and n behaviours, through ``PreRanker.score`` (eager, and with ``compiled=True`` as
-``model.compile_serving``): embedding lookups, padding, both attentions and the MLP included; once at the config's
+candidates and n behaviours, through ``PreRanker.score``: embedding lookups, padding, both attentions and the MLP
+included; once at the config's
 widths and once at the paper's (item features 2 x 32 = 64 wide, ``model_dim`` 64, as the set head above).
 
     .venv/bin/python benchmarks/duet_latency.py [--m 1000 1500 ... 5000] [--n 200] [--model-dim 64]
@@ -229,38 +226,30 @@ def main() -> None:
     ap.add_argument("--zoo-config", type=Path, default=ROOT / "configs/models/duet.yaml")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    # Each head instance and mode is its own compiled graph (guards on the modules): room for all of them, so that
-    # none falls back to eager when the default limit is reached.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     dim = args.model_dim
     torch.manual_seed(0)
     linear = SetHead(dim, args.model_dim, args.heads, args.mlp_hidden, AttentionKind.linear).eval()
     softmax = SetHead(dim, args.model_dim, args.heads, args.mlp_hidden, AttentionKind.softmax).eval()
     softmax.load_state_dict(linear.state_dict())  # the same head, the same parameters
-    compiled_linear = torch.compile(linear.score, dynamic=True)  # as models.duet's compile_serving
-    compiled_softmax = torch.compile(softmax.score, dynamic=True)
 
     print(f"DUET set head, one request: n = {args.n}, model_dim = {args.model_dim}, heads = {args.heads}, "
           f"MLP {args.mlp_hidden}, {args.threads} thread(s), median of {args.repeats} after {args.warmup} warmup")
-    print("| m | linear ms | softmax ms | softmax / linear (quartiles) | compiled: linear ms | compiled: softmax ms "
-          "| compiled: softmax / linear (quartiles) | linear µs / cand | linear, forward ms | softmax, forward ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| m | linear ms | softmax ms | softmax / linear (quartiles) | linear µs / cand | softmax µs / cand "
+          "| linear, forward ms | softmax, forward ms |")
+    print("|---|---|---|---|---|---|---|---|")
     lin_ts, soft_ts = [], []
     with torch.no_grad():
         for m in args.m:
             x = _inputs(m, args.n, dim)
             calls = _timings(
-                [lambda: linear.score(*x), lambda: softmax.score(*x), lambda: compiled_linear(*x),
-                 lambda: compiled_softmax(*x), lambda: linear(*x), lambda: softmax(*x)],
-                args.warmup, args.repeats)  # fmt: skip
-            t_lin, t_soft, c_lin, c_soft, f_lin, f_soft = (statistics.median(ts) for ts in calls)
+                [lambda: linear.score(*x), lambda: softmax.score(*x), lambda: linear(*x), lambda: softmax(*x)],
+                args.warmup, args.repeats)
+            t_lin, t_soft, f_lin, f_soft = (statistics.median(ts) for ts in calls)
             ratio, q1, q3 = _ratio(calls[1], calls[0])
-            c_ratio, c_q1, c_q3 = _ratio(calls[3], calls[2])
             lin_ts.append(t_lin)
             soft_ts.append(t_soft)
             print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {ratio:.1f}x ({q1:.1f}-{q3:.1f}) | "
-                  f"{c_lin * 1e3:.2f} | {c_soft * 1e3:.2f} | {c_ratio:.1f}x ({c_q1:.1f}-{c_q3:.1f}) | "
-                  f"{t_lin * 1e6 / m:.2f} | {f_lin * 1e3:.2f} | {f_soft * 1e3:.2f} |")
+                  f"{t_lin * 1e6 / m:.2f} | {t_soft * 1e6 / m:.2f} | {f_lin * 1e3:.2f} | {f_soft * 1e3:.2f} |")
         if len(args.m) > 1:
             print(f"growth exponent (log-log slope of ms over m): linear {_slope(args.m, lin_ts):.2f}, "
                   f"softmax {_slope(args.m, soft_ts):.2f}")
@@ -291,21 +280,19 @@ def main() -> None:
             zoo_lin, zoo_soft, schema = _zoo_scorers(args.zoo_config, over)
             c = zoo_lin.cfg
             print(f"\nthe zoo's duet scorer ({args.zoo_config.relative_to(ROOT)} at {label}: embedding "
-                  f"{c.embedding_dim} x {len(c.candidate_features)} item features, model_dim {c.model_dim}, heads {c.heads}, MLP "
-                  f"{c.mlp_hidden}), one request Batch, n = {args.n}:")
-            print("| m | linear ms | softmax ms | softmax / linear | compiled: linear ms | compiled: softmax ms "
-                  "| compiled: softmax / linear | linear µs / cand |")
-            print("|---|---|---|---|---|---|---|---|")
+                  f"{c.embedding_dim} x {len(c.candidate_features)} item features, model_dim {c.model_dim}, "
+                  f"heads {c.heads}, MLP {c.mlp_hidden}), one request Batch, n = {args.n}:")
+            print("| m | linear ms | softmax ms | softmax / linear | linear µs / cand |")
+            print("|---|---|---|---|---|")
             zl, zs = [], []
             for m in args.m:
                 b = _zoo_batch(schema, m, args.n)
-                t_lin, t_soft, c_lin, c_soft = _medians(
-                    [lambda: zoo_lin.score(b), lambda: zoo_soft.score(b), lambda: zoo_lin.score(b, compiled=True),
-                     lambda: zoo_soft.score(b, compiled=True)], args.warmup, args.repeats)  # fmt: skip
+                calls = [lambda: zoo_lin.score(b), lambda: zoo_soft.score(b)]
+                t_lin, t_soft = _medians(calls, args.warmup, args.repeats)
                 zl.append(t_lin)
                 zs.append(t_soft)
-                print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | {c_lin * 1e3:.2f} | "
-                      f"{c_soft * 1e3:.2f} | {c_soft / c_lin:.1f}x | {t_lin * 1e6 / m:.2f} |")
+                print(f"| {m:,} | {t_lin * 1e3:.2f} | {t_soft * 1e3:.2f} | {t_soft / t_lin:.1f}x | "
+                      f"{t_lin * 1e6 / m:.2f} |")
             if len(args.m) > 1:
                 print(f"growth exponent: linear {_slope(args.m, zl):.2f}, softmax {_slope(args.m, zs):.2f}")
 

@@ -462,14 +462,14 @@ def score_folded(
     else:
         bias = bias.unsqueeze(1)  # [B, 1, F]
         blocks = [(x_j, w_j.t().expand(b, -1, -1)) for x_j, w_j in blocks]
-    out = query.new_empty(query.shape[:-1])  # [B, M] or [M]
-    per_step = max(1, tile // b)  # queries of each request per step, then steps of equal size
-    step = -(-m // -(-m // per_step)) if m else 1
-    for s in range(0, m, step):
-        sl = slice(s, s + step)
-        out[..., sl] = _fold_step(parts, w_q, z, state, bias, query[..., sl, :], query_mask[..., sl],
-                           [(x_j[..., sl, :], w_j) for x_j, w_j in blocks], mlp, inplace)  # fmt: skip
-    return out.view(b, m)
+    steps = max(1, -(-m // max(1, tile // b)))  # equal steps of at most `tile` queries of every request
+    xs, ms = torch.tensor_split(query, steps, dim=-2), torch.tensor_split(query_mask, steps, dim=-1)
+    split_blocks = [(torch.tensor_split(x_j, steps, dim=-2), w_j) for x_j, w_j in blocks]
+    outs = [
+        _fold_step(parts, w_q, z, state, bias, xs[i], ms[i], [(x_j[i], w_j) for x_j, w_j in split_blocks], mlp, inplace)
+        for i in range(steps)
+    ]
+    return (torch.cat(outs, dim=-1) if steps > 1 else outs[0]).view(b, m)
 
 
 def _fold_step(

@@ -93,9 +93,6 @@ class PreRankerConfig:
             ``cotrain``).
         kl_weight: lambda of the symmetric KL term (``cotrain``; 0 = DUET "w/o KL").
         serve: the sub-model evaluation (and serving) uses, ``a`` or ``b`` (two-model schemes).
-        compile_serving: ``duet``: :meth:`PreRanker.score` (evaluation and serving, without autograd) runs the
-            set head through ``torch.compile`` (the first calls compile, ~20 s each on CPU; then about 12% faster
-            on one request at m = 4,500 here, ``benchmarks/duet_latency.py``). The same logits up to rounding.
     """
 
     name: str = "duet"
@@ -122,7 +119,6 @@ class PreRankerConfig:
     pseudo_weight: float = 1.0
     kl_weight: float = 0.1
     serve: str = "a"
-    compile_serving: bool = False
 
 
 def check_preranking_schema(cfg: PreRankerConfig, schema: SchemaConfig) -> None:
@@ -277,21 +273,17 @@ class PreRanker(nn.Module):
                 hidden = torch.cat([hidden, cross], dim=-1)
         return Scores(logits=logits, lengths=lengths, hidden=hidden)
 
-    def score(self, batch: Batch, tile: int = SCORE_TILE, compiled: Optional[bool] = None) -> torch.Tensor:
+    def score(self, batch: Batch, tile: int = SCORE_TILE) -> torch.Tensor:
         """Serving: the logits ``[N]`` of :meth:`forward` (equal up to float rounding), computed faster.
 
-        ``duet``: the embedding lookups, then :meth:`head_logits` (eagerly, or through ``torch.compile`` when
-        ``compiled``, default ``cfg.compile_serving``, and autograd is off). The towers score as in
-        :meth:`forward`.
+        ``duet``: the embedding lookups, then :meth:`head_logits`. The towers score as in :meth:`forward`.
         """
         if self.arch != Arch.duet:
             return self(batch).logits
         user, history, h_mask, items, lengths, cross = self._inputs(batch)
         f_can, c_mask = pad_jagged(items, lengths)  # [B, M, I], [B, M]
         f_cro = pad_jagged(cross, lengths)[0] if cross.size(-1) else None  # [B, M, C]
-        compiled = self.cfg.compile_serving if compiled is None else compiled
-        head = self._compiled_head() if compiled and not torch.is_grad_enabled() else self.head_logits
-        logits = head(user, history, h_mask, f_can, c_mask, f_cro, tile)  # [B, M]
+        logits = self.head_logits(user, history, h_mask, f_can, c_mask, f_cro, tile)  # [B, M]
         return logits.view(-1) if f_can.size(0) * f_can.size(1) == items.size(0) else logits[c_mask]  # [N]
 
     def head_logits(
@@ -328,10 +320,3 @@ class PreRanker(nn.Module):
         blocks = [(f_can, w_i)] + ([(f_cro, w_c)] if f_cro is not None else [])
         return score_folded(parts, f_can, c_mask, blocks, bias, self.mlp, tile)  # [B, M]
 
-    def _compiled_head(self):
-        """:meth:`head_logits` through ``torch.compile`` (dynamic shapes), built on first use and kept."""
-        compiled = self.__dict__.get("_head_compiled")
-        if compiled is None:
-            compiled = torch.compile(self.head_logits, dynamic=True)
-            self.__dict__["_head_compiled"] = compiled
-        return compiled

@@ -223,22 +223,6 @@ def test_serving_score_equals_the_forward_logits(attention, set_attention, cross
         torch.testing.assert_close(module.model(batch), module.model.a(batch).logits, atol=1e-6, rtol=1e-5)
 
 
-def test_compiled_serving_gives_the_eager_logits():
-    """``model.compile_serving`` (the set head through ``torch.compile``) scores like the eager head, for several
-    requests of different sizes (padding) and for one; with autograd on, score stays eager."""
-    module, schema = _setup("duet", training=Training.exposed, compile_serving=True)
-    module.eval()
-    sub = module.model.a
-    cols = _columns(schema, 6, rows=5)
-    for batch in (columns_to_batch(schema, cols), columns_to_batch(schema, {k: v[:1] for k, v in cols.items()})):
-        with torch.no_grad():
-            eager = sub.score(batch, compiled=False)
-            compiled = sub.score(batch)  # the config's default: compiled
-        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    assert "_head_compiled" in sub.__dict__  # the compiled path ran
-    torch.testing.assert_close(sub.score(batch), eager, atol=1e-5, rtol=1e-5)  # autograd on: eager
-
-
 def test_serving_score_of_the_towers_is_their_forward():
     module, schema = _setup("three_tower", training=Training.exposed)
     module.eval()

@@ -285,7 +285,7 @@ def test_score_folded_is_the_mlp_over_the_concatenated_outputs_in_any_tiling(kin
         k1, k2 = att1.fold_keys(w1, key, value, KEY_MASK), att2.fold_keys(w2, query, query, qmask)
         bias = (mlp.layers[0].bias + k1.per_request + k2.per_request)  # [B, F]
         for tile in (1, 2 * B, 100):  # one, two and all queries of every request per step
-            got = score_folded([(att1, k1), (att2, k2)], query, qmask, [(extra, w_x)], bias, mlp, tile=tile)
+            got = score_folded([(att1, k1), (att2, k2)], query, qmask, [(extra, w_x)], bias, mlp, tile)
             assert got.shape == (B, M)
             torch.testing.assert_close(got[qmask], expected[qmask], atol=1e-5, rtol=1e-5)
         if grad:  # differentiable like the MLP over the concatenation
