@@ -11,7 +11,7 @@ grows with an exponent between 1 and 2; the MLP is linear in m in both modes and
 
 Both modes are timed on the serving path, ``SetHead.score`` (as ``models.duet.PreRanker.score``): each attention's
 ``W_o`` and MLP block folded into its per-request state (``SetLinearAttention.fold_keys``), ``F_u``'s block once
-per request, and the candidates in steps of ``SCORE_TILE`` rows through ``modules.linear_attention.score_folded``
+per request, and the candidates in steps of ``SCORE_TILE`` rows through ``modules.folded_head.score_folded``
 (one product for both attentions' queries, one for both states, then the rest of the MLP). The table also shows
 the plain ``forward`` (concatenation, then the MLP) of each mode.
 
@@ -22,8 +22,8 @@ that a loaded machine slows both alike. A second table splits the time at ``--br
 Two more tables time the zoo's own scorer, ``models.duet.PreRanker`` built from ``configs/models/duet.yaml``
 (``--zoo-config``; ``model.attention`` linear vs softmax, the same parameters), on a one-request Batch with m
 candidates and n behaviours, through ``PreRanker.score``: embedding lookups, padding, both attentions and the MLP
-included; once at the config's
-widths and once at the paper's (item features 2 x 32 = 64 wide, ``model_dim`` 64, as the set head above).
+included; once at the config's widths and once at the paper's (item features 2 x 32 = 64 wide, ``model_dim`` 64,
+as the set head above).
 
     .venv/bin/python benchmarks/duet_latency.py [--m 1000 1500 ... 5000] [--n 200] [--model-dim 64]
 """
@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from modules.linear_attention import AttentionKind, SetLinearAttention, score_folded  # noqa: E402
+from modules.folded_head import score_folded  # noqa: E402
+from modules.linear_attention import AttentionKind, SetLinearAttention  # noqa: E402
 from modules.mlp import MLP  # noqa: E402
 
 
@@ -108,7 +109,7 @@ class SetHead(nn.Module):
         """The serving path, as ``models.duet.PreRanker.score``: :meth:`forward`'s logits ``[B, M]`` (up to float
         rounding). Each attention's ``W_o`` and MLP block are folded into its per-request state
         (``SetLinearAttention.fold_keys``), ``F_u``'s block is computed once per request, and the candidates run
-        through ``modules.linear_attention.score_folded`` in steps of ``SCORE_TILE`` rows: no concatenation, no
+        through ``modules.folded_head.score_folded`` in steps of ``SCORE_TILE`` rows: no concatenation, no
         attention output or ``W_o`` product per candidate."""
         a, d = self.c2s.model_dim, can.size(-1)
         w_cs, w_cc, w_u, w_c = self.mlp.first_blocks([a, a, d, d])  # [F, width] each
@@ -295,6 +296,7 @@ def main() -> None:
                       f"{t_lin * 1e6 / m:.2f} |")
             if len(args.m) > 1:
                 print(f"growth exponent: linear {_slope(args.m, zl):.2f}, softmax {_slope(args.m, zs):.2f}")
+
 
 if __name__ == "__main__":
     main()

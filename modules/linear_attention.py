@@ -7,7 +7,7 @@ H heads, d = model_dim / H the per-head width.
 from __future__ import annotations
 
 import enum
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -46,8 +46,8 @@ FEATURE_MAPS: dict[FeatureMap, Callable[[torch.Tensor], torch.Tensor]] = {
     FeatureMap.elu1: _elu1,
     FeatureMap.relu: torch.relu,
 }
-# The same maps in place, for :meth:`SetLinearAttention.into` without autograd (fewer fresh tensors: at 4,500
-# candidates the serving path is about 20% faster).
+# The same maps in place, for :meth:`SetLinearAttention.fold_keys` / ``query_rows`` without autograd (fewer fresh
+# tensors: at 4,500 candidates the serving path is about 20% faster).
 FEATURE_MAPS_INPLACE: dict[FeatureMap, Callable[[torch.Tensor], torch.Tensor]] = {
     FeatureMap.elu1: _elu1_,
     FeatureMap.relu: torch.relu_,
@@ -168,7 +168,7 @@ class FoldedKeys(NamedTuple):
     key_mask: torch.Tensor  # [B, N]
 
 
-def _normalised(phi_q: torch.Tensor, z: torch.Tensor, eps: float, inplace: bool) -> torch.Tensor:
+def degree_normalised(phi_q: torch.Tensor, z: torch.Tensor, eps: float, inplace: bool) -> torch.Tensor:
     """``phi(Q_h) / (phi(Q_h) z_h + eps)`` per head: ``phi_q`` ``[B, T, H, d]``, ``z`` ``[B, H, d]`` (an element-wise
     product and a row sum: 5x faster here than a batched matrix-vector product over the transposed heads)."""
     den = (phi_q * z.unsqueeze(1)).sum(dim=-1, keepdim=True).add_(eps)  # [B, T, H, 1]
@@ -301,8 +301,12 @@ class SetLinearAttention(nn.Module):
     def fold_keys(
         self, weight: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor
     ) -> FoldedKeys:
-        """The key side of the attention followed by a linear map ``weight`` (``[F, model_dim]``, no bias): the
-        per-request part of :meth:`into`, computed once per request, whatever the number of queries.
+        """The key side of the attention followed by a linear map ``weight`` (``[F, model_dim]``, no bias),
+        computed once per request, whatever the number of queries: with ``rows = query_rows(keys, W_q X_q)``,
+        ``forward(...) @ weight.T == rows @ state + per_request[:, None, :]`` on every real query row. A layer that
+        reads the output through ``weight`` (a column block of the first layer of DUET's MLP) thus costs one
+        ``[H d] x [F]`` product per query, with neither the attention output nor ``W_o`` materialised
+        (:func:`modules.folded_head.score_folded`).
 
         Linear mode: ``state = C_h weight^T`` per head (``C_h`` of :meth:`folded_linear`) and ``z_h = phi(K_h)^T 1``;
         softmax mode: the projected keys and values per head and ``state = (weight W_o)^T``. In both,
@@ -331,8 +335,8 @@ class SetLinearAttention(nn.Module):
         return FoldedKeys(state, per_request, z, None, None, key_mask)
 
     def query_rows(self, keys: FoldedKeys, q: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-        """The per-query factor of :meth:`into` for projected queries ``q = W_q X_q`` (``[B, T, H d]``, any
-        subset of a request's queries: the rows of one query do not depend on the others).
+        """The per-query factor of :meth:`fold_keys`'s factorisation for projected queries ``q = W_q X_q``
+        (``[B, T, H d]``, any subset of a request's queries: the rows of one query do not depend on the others).
 
         Linear mode: ``phi(Q_h) / (phi(Q_h) z_h + eps)`` per head (without autograd ``q`` may be overwritten);
         softmax mode: the per-head attention output over ``keys``. Rows of padding queries are unspecified.
@@ -347,35 +351,7 @@ class SetLinearAttention(nn.Module):
             return heads.transpose(1, 2).reshape(b, t, h * d)  # [B, T, H d]
         inplace = not torch.is_grad_enabled()
         phi_q = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[self.feature_map](q)
-        return _normalised(phi_q.reshape(b, t, h, d), keys.z, self.eps, inplace).view(b, t, h * d)
-
-    def into(
-        self,
-        weight: torch.Tensor,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        query_mask: torch.Tensor,
-        key_mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The attention output followed by a linear map ``weight`` (``[F, model_dim]``, no bias), as factors.
-
-        ``forward(...) @ weight.T == rows @ state + per_request[:, None, :]`` on every real query row, where
-        ``per_request = has_key * (b_o weight^T)`` (``[B, F]``: ``W_o``'s bias, 0 in a request without a valid
-        key) and ``weight`` is folded into the per-request ``state`` (``[B, H d, F]``): in linear mode
-        ``rows = phi(Q_h) / (phi(Q_h) z_h + eps)`` per head and ``state = C_h weight^T`` (``C_h`` of
-        :meth:`folded_linear`), so each query costs one ``[H d] x [F]`` product and neither the attention
-        output nor ``W_o`` is materialised per query; in softmax mode ``rows`` is the per-head output and
-        ``state = (weight W_o)^T``. A following layer that reads the output through ``weight`` (a column block
-        of the first layer of DUET's MLP) accumulates ``rows @ state`` into its own output and saves a product,
-        and a pass, per query. It is :meth:`fold_keys` then :meth:`query_rows` (:func:`score_folded` runs the
-        query side in tiles). Padding query rows of ``rows`` are unspecified (the caller drops them).
-
-        Returns:
-            ``(rows [B, M, H d], state [B, H d, F], per_request [B, F])``.
-        """
-        keys = self.fold_keys(weight, key, value, key_mask)
-        return self.query_rows(keys, self.w_q(query), query_mask), keys.state, keys.per_request
+        return degree_normalised(phi_q.reshape(b, t, h, d), keys.z, self.eps, inplace).view(b, t, h * d)
 
     def forward(
         self,
@@ -405,108 +381,3 @@ class SetLinearAttention(nn.Module):
             out = self.w_o(heads.transpose(1, 2).reshape(b, m, self.model_dim))  # [B, M, model_dim]
         rows = query_mask & key_mask.any(dim=1, keepdim=True)  # [B, M]: a real candidate of a request with keys
         return out * rows.unsqueeze(-1).to(out.dtype)  # 0, not W_o's bias, on rows that attended to nothing
-
-
-SCORE_TILE = 2048  # at most this many query rows per step of :func:`score_folded` (steps of equal size)
-
-
-def score_folded(
-    parts: Sequence[tuple[SetLinearAttention, FoldedKeys]],
-    query: torch.Tensor,
-    query_mask: torch.Tensor,
-    blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    bias: torch.Tensor,
-    mlp: nn.Module,
-    tile: int = SCORE_TILE,
-) -> torch.Tensor:
-    """Logits of a prediction MLP whose first layer reads the outputs of attentions over the same queries, each
-    folded into its per-request state (:meth:`SetLinearAttention.fold_keys`), beside per-query input blocks:
-
-    ``h = bias + sum_p rows_p @ state_p + sum_j x_j w_j^T``, then ``mlp.after_first(h)``.
-
-    The query side runs in equal steps of at most ``tile`` query rows (all requests together), so that the
-    per-step tensors stay in cache instead of streaming ``[M, F]`` tensors through memory several times (at
-    m = 4,500, n = 200, 3 steps of 1,500 ran 5-10% faster here than one; 1,024 or 256 rows per step slower).
-    One product projects the queries of every attention (their ``W_q`` stacked); when all are linear with the
-    same feature map, head width and eps, one feature-map pass and one normalisation serve them all, and one
-    product applies every state (stacked). A query's logit does not depend on the step it falls in.
-
-    Args:
-        parts: ``(attention, its folded keys)`` in the order of their blocks in the first layer.
-        query: ``[B, M, D_q]`` queries (candidates), padded per request.
-        query_mask: ``[B, M]`` bool, True on real queries.
-        blocks: ``(x [B, M, w], weight [F, w])`` per-query inputs of the first layer and their column blocks.
-        bias: ``[B, F]``: the first layer's per-request part (its bias, per-request blocks, the attentions'
-            ``per_request``).
-        mlp: has ``after_first`` (:class:`modules.mlp.MLP`).
-        tile: query rows per step (at least one query of every request per step).
-
-    Returns:
-        ``[B, M]`` logits; padding rows are unspecified.
-    """
-    b, m = query.size(0), query.size(1)
-    attentions = [a for a, _ in parts]
-    w_q = torch.cat([a.w_q.weight for a in attentions]) if len(parts) > 1 else attentions[0].w_q.weight
-    state = torch.cat([k.state for _, k in parts], dim=1) if len(parts) > 1 else parts[0][1].state  # [B, ΣH d, F]
-    first = attentions[0]
-    shared = all(
-        a.attention is AttentionKind.linear and a.feature_map is first.feature_map
-        and a.head_dim == first.head_dim and a.eps == first.eps for a in attentions
-    )  # fmt: skip
-    z = torch.cat([k.z for _, k in parts], dim=1) if shared else None  # [B, ΣH, d]
-    inplace = not torch.is_grad_enabled()
-    if b == 1:  # one request (serving): plain matrix products, which run faster here than their batched forms
-        query, query_mask, state, bias = query[0], query_mask[0], state[0], bias[0]
-        z = z[0] if z is not None else None
-        blocks = [(x_j[0], w_j.t()) for x_j, w_j in blocks]
-    else:
-        bias = bias.unsqueeze(1)  # [B, 1, F]
-        blocks = [(x_j, w_j.t().expand(b, -1, -1)) for x_j, w_j in blocks]
-    steps = max(1, -(-m // max(1, tile // b)))  # equal steps of at most `tile` queries of every request
-    xs, ms = torch.tensor_split(query, steps, dim=-2), torch.tensor_split(query_mask, steps, dim=-1)
-    split_blocks = [(torch.tensor_split(x_j, steps, dim=-2), w_j) for x_j, w_j in blocks]
-    outs = [
-        _fold_step(parts, w_q, z, state, bias, xs[i], ms[i], [(x_j[i], w_j) for x_j, w_j in split_blocks], mlp, inplace)
-        for i in range(steps)
-    ]
-    return (torch.cat(outs, dim=-1) if steps > 1 else outs[0]).view(b, m)
-
-
-def _fold_step(
-    parts: Sequence[tuple[SetLinearAttention, FoldedKeys]],
-    w_q: torch.Tensor,
-    z: Optional[torch.Tensor],
-    state: torch.Tensor,
-    bias: torch.Tensor,
-    x: torch.Tensor,
-    query_mask: torch.Tensor,
-    blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    mlp: nn.Module,
-    inplace: bool,
-) -> torch.Tensor:
-    """One step of :func:`score_folded`: the logits of queries ``x`` (``[B, T, D_q]``, or ``[T, D_q]`` for one
-    request, with ``state``, ``bias``, ``z`` and ``blocks`` shaped alike), ``[B, T]`` or ``[T]``."""
-    q = nn.functional.linear(x, w_q)  # [B, T, ΣH d]
-    if z is not None:  # every attention linear with one feature map, head width and eps
-        first = parts[0][0]
-        phi_q = (FEATURE_MAPS_INPLACE if inplace else FEATURE_MAPS)[first.feature_map](q)
-        heads = phi_q.view(*q.shape[:-1], -1, first.head_dim)  # [B, T, ΣH, d]
-        lead = heads.shape[:-2]
-        one = x.dim() == 2  # one request: [T, ...] shapes, made [1, T, ...] for the normalisation
-        rows = _normalised(heads.unsqueeze(0) if one else heads, z.unsqueeze(0) if one else z, first.eps, inplace)
-        rows = rows.view(*lead, -1)  # [B, T, ΣH d]
-    else:
-        b = x.size(0) if x.dim() == 3 else 1
-        qs = torch.split(q.view(b, -1, q.size(-1)), [a.model_dim for a, _ in parts], dim=-1)
-        qm = query_mask.view(b, -1)
-        rows = torch.cat([a.query_rows(k, qa, qm) for (a, k), qa in zip(parts, qs)], dim=-1).view(q.shape)
-    if x.dim() == 2:
-        h = torch.addmm(bias, rows, state)  # [T, F]
-        for x_j, w_j in blocks:
-            h = h.addmm_(x_j, w_j)
-    else:
-        h = torch.baddbmm(bias, rows, state)  # [B, T, F]
-        for x_j, w_j in blocks:
-            h = h.baddbmm_(x_j, w_j)
-    return mlp.after_first(h).squeeze(-1)
-

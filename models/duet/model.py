@@ -38,7 +38,8 @@ from torch import nn
 from datasets.batch import Batch
 from datasets.schema import SchemaConfig
 from modules.embedding import build_embedding_collection, concat_jagged, lookup_jagged
-from modules.linear_attention import SCORE_TILE, SetLinearAttention, score_folded
+from modules.folded_head import SCORE_TILE, score_folded
+from modules.linear_attention import SetLinearAttention
 from modules.mlp import MLP
 from modules.sequence import last_n, masked_mean, pad_jagged
 
@@ -284,7 +285,7 @@ class PreRanker(nn.Module):
         f_can, c_mask = pad_jagged(items, lengths)  # [B, M, I], [B, M]
         f_cro = pad_jagged(cross, lengths)[0] if cross.size(-1) else None  # [B, M, C]
         logits = self.head_logits(user, history, h_mask, f_can, c_mask, f_cro, tile)  # [B, M]
-        return logits.view(-1) if f_can.size(0) * f_can.size(1) == items.size(0) else logits[c_mask]  # [N]
+        return logits[c_mask]  # [N]
 
     def head_logits(
         self,
@@ -302,7 +303,7 @@ class PreRanker(nn.Module):
         (:meth:`modules.mlp.MLP.first_blocks`), with each attention's block folded into its per-request state
         (:meth:`SetLinearAttention.fold_keys`) and the user block computed once per request: no concatenation,
         no attention output or ``W_o`` product per candidate, no user features repeated per candidate. The
-        candidates then run through :func:`modules.linear_attention.score_folded` in steps of ``tile`` rows (one
+        candidates then run through :func:`modules.folded_head.score_folded` in steps of ``tile`` rows (one
         product for both attentions' queries, one for both states). In softmax mode the same fold applies (the
         same head, for the latency comparison).
 

@@ -10,8 +10,8 @@ from modules.linear_attention import (
     SetLinearAttention,
     linear_attention,
     linear_attention_quadratic,
-    score_folded,
 )
+from modules.folded_head import score_folded
 from modules.mlp import MLP
 
 B, M, N, DQ, DK, DV, MODEL = 3, 5, 7, 6, 4, 3, 8
@@ -235,9 +235,10 @@ def test_elu1_is_elu_plus_one_in_value_and_gradient():
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("self_attention", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_into_is_the_output_followed_by_a_linear_map(attention, heads, self_attention, grad):
-    """``rows @ state + per_request`` equals ``forward(...) @ weight.T`` on every real row, with and without
-    autograd (the in-place path), for keys of their own and for self-attention (one product for Q and K)."""
+def test_folded_keys_factor_the_output_followed_by_a_linear_map(attention, heads, self_attention, grad):
+    """With ``keys = fold_keys(...)`` and ``rows = query_rows(keys, W_q X_q)``, ``rows @ state + per_request``
+    equals ``forward(...) @ weight.T`` on every real row, with and without autograd (the in-place path), for keys
+    of their own and for self-attention."""
     query, key, value = _inputs(3)
     qmask = QUERY_MASK
     kmask = KEY_MASK
@@ -250,8 +251,8 @@ def test_into_is_the_output_followed_by_a_linear_map(attention, heads, self_atte
     weight = torch.randn(11, MODEL)
     expected = att(query, key, value, qmask, kmask) @ weight.t()  # [B, M, 11]
     with torch.set_grad_enabled(grad):
-        rows, state, per_request = att.into(weight, query, *((query, query) if self_attention else (key, value)),
-                                            qmask, kmask)
+        keys = att.fold_keys(weight, *((query, query) if self_attention else (key, value)), kmask)
+        rows, state, per_request = att.query_rows(keys, att.w_q(query), qmask), keys.state, keys.per_request
         got = torch.bmm(rows, state) + per_request.unsqueeze(1)
     assert rows.shape == (B, M, MODEL) and state.shape == (B, MODEL, 11) and per_request.shape == (B, 11)
     real = qmask & kmask.any(1, keepdim=True)  # rows of requests without a key are 0 in forward
